@@ -1,0 +1,3 @@
+"""tiled: a whole-slide image tile cache and server."""
+
+__version__ = "0.1.0"
