@@ -1,0 +1,185 @@
+"""Tile lists, the warm-up pass and wrk runs."""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import math
+import os
+import random
+import re
+import struct
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("bench.load")
+
+LUA_SCRIPT = Path(__file__).with_name("cycle.lua")
+
+
+@dataclass(frozen=True)
+class Tile:
+    level: int
+    col: int
+    row: int
+
+
+def deepzoom_levels(width: int, height: int, tile_size: int) -> list[tuple[int, int, int]]:
+    """Return (level, columns, rows) for every DeepZoom level, highest first.
+
+    The DeepZoom format halves the image per level, rounding up, down to 1x1 at
+    level 0, so the full-resolution level is ceil(log2(max(width, height))).
+    """
+    max_level = math.ceil(math.log2(max(width, height)))
+    levels = []
+    for level in range(max_level, -1, -1):
+        scale = 2 ** (max_level - level)
+        level_width = math.ceil(width / scale)
+        level_height = math.ceil(height / scale)
+        levels.append((
+            level,
+            math.ceil(level_width / tile_size),
+            math.ceil(level_height / tile_size),
+        ))
+    return levels
+
+
+def sample_tiles(
+    width: int,
+    height: int,
+    count: int,
+    top_levels: int,
+    seed: int,
+    tile_size: int = 256,
+) -> list[Tile]:
+    """Pick count distinct tiles, uniformly over the top_levels highest levels."""
+    population = []
+    for level, columns, rows in deepzoom_levels(width, height, tile_size)[:top_levels]:
+        for row in range(rows):
+            for col in range(columns):
+                population.append(Tile(level, col, row))
+    if count > len(population):
+        raise ValueError(
+            f"asked for {count} tiles but the top {top_levels} levels have "
+            f"{len(population)}; raise --levels or lower --tiles"
+        )
+    return random.Random(seed).sample(population, count)
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """Return (width, height) from a JPEG's start-of-frame marker, or None."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    offset = 2
+    while offset + 4 <= len(data):
+        if data[offset] != 0xFF:
+            return None
+        marker = data[offset + 1]
+        if marker == 0xFF:
+            offset += 1
+            continue
+        (length,) = struct.unpack(">H", data[offset + 2:offset + 4])
+        # SOF0-SOF15 carry the frame size, except DHT (C4), JPG (C8), DAC (CC).
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height, width = struct.unpack(">HH", data[offset + 5:offset + 9])
+            return width, height
+        offset += 2 + length
+    return None
+
+
+@dataclass
+class WarmupResult:
+    requests: int
+    errors: list[str]
+    bytes_total: int
+    sizes: dict[str, tuple[int, int] | None]
+
+
+def warm_up(port: int, paths: list[str], tiles: list[Tile]) -> WarmupResult:
+    """GET every path once on one keep-alive connection and check the JPEGs.
+
+    Filling caches is the point (memcached, the page cache, tiled's store).
+    The decoded frame sizes let the caller check that every peer returns the
+    same pixels box for the same tile.
+    """
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    errors: list[str] = []
+    sizes: dict[str, tuple[int, int] | None] = {}
+    bytes_total = 0
+    for path, tile in zip(paths, tiles, strict=True):
+        connection.request("GET", path)
+        response = connection.getresponse()
+        body = response.read()
+        bytes_total += len(body)
+        key = f"{tile.level}/{tile.col}_{tile.row}"
+        content_type = response.getheader("Content-Type", "")
+        if response.status != 200:
+            errors.append(f"{path}: HTTP {response.status}")
+            sizes[key] = None
+            continue
+        if not content_type.startswith("image/jpeg"):
+            errors.append(f"{path}: Content-Type {content_type!r}, expected image/jpeg")
+        sizes[key] = jpeg_size(body)
+        if sizes[key] is None:
+            errors.append(f"{path}: body is not a JPEG ({len(body)} bytes)")
+    connection.close()
+    return WarmupResult(len(paths), errors, bytes_total, sizes)
+
+
+UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration_ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
+    if match is None:
+        raise ValueError(f"unrecognised wrk duration {text!r}")
+    return float(match.group(1)) * UNIT_SECONDS[match.group(2)] * 1000.0
+
+
+def parse_wrk(output: str) -> dict:
+    """Extract throughput, latency percentiles and errors from wrk --latency."""
+    result: dict = {}
+    match = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    if match is None:
+        raise ValueError(f"wrk output has no Requests/sec line:\n{output}")
+    result["requests_per_second"] = float(match.group(1))
+    match = re.search(r"(\d+) requests in ([\d.]+\w+), ([\d.]+\w+) read", output)
+    if match:
+        result["requests"] = int(match.group(1))
+        result["duration_ms"] = parse_duration_ms(match.group(2))
+        result["read"] = match.group(3)
+    for percentile in ("50", "75", "90", "99"):
+        match = re.search(rf"^\s+{percentile}%\s+([\d.]+\w+)", output, re.MULTILINE)
+        if match:
+            result[f"p{percentile}_ms"] = parse_duration_ms(match.group(1))
+    match = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    result["non_2xx"] = int(match.group(1)) if match else 0
+    match = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    result["socket_errors"] = sum(int(group) for group in match.groups()) if match else 0
+    return result
+
+
+def run_wrk(
+    port: int,
+    urls_file: Path,
+    duration_s: float,
+    connections: int,
+    threads: int,
+    client_cpu: str,
+) -> tuple[dict, str]:
+    """Run one bounded wrk load on 127.0.0.1:port; return parsed and raw output."""
+    command = [
+        "taskset", "-c", client_cpu,
+        "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s:g}s",
+        "--latency", "-s", str(LUA_SCRIPT), f"http://127.0.0.1:{port}",
+    ]
+    environment = dict(os.environ, BENCH_URLS=str(urls_file))
+    log.debug("run %s", " ".join(command))
+    completed = subprocess.run(
+        command, env=environment, capture_output=True, text=True,
+        timeout=duration_s + 60, check=True,
+    )
+    return parse_wrk(completed.stdout), completed.stdout
