@@ -299,4 +299,3 @@ async def measure_event_loop_lag(interval_seconds: float = 0.25) -> None:
         due = loop.time() + interval_seconds
         await asyncio.sleep(interval_seconds)
         EVENT_LOOP_LAG.observe(max(0.0, loop.time() - due))
-
