@@ -1,0 +1,183 @@
+"""Machine description, result JSON and the generated section of bench/README.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+from pathlib import Path
+
+README_START = "<!-- results:start (written by bench/run.py) -->"
+README_END = "<!-- results:end -->"
+
+
+def command_version(command: list[str], pattern: str = r"[\d]+\.[\d.]+[\w.+-]*") -> str:
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "not found"
+    match = re.search(pattern, completed.stdout + completed.stderr)
+    return match.group(0) if match else "unknown"
+
+
+def debian_version(package: str) -> str:
+    return command_version(["dpkg-query", "-W", "-f", "${Version}", package], r"\S+")
+
+
+def describe_machine() -> dict:
+    cpu_model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "versions": {
+            "nginx": command_version(["nginx", "-v"]),
+            "lighttpd": command_version(["lighttpd", "-v"]),
+            "iipimage-server": debian_version("iipimage-server"),
+            "memcached": command_version(["memcached", "-V"]),
+            "wrk": command_version(["wrk", "-v"]),
+            "vips": command_version(["vips", "--version"]),
+        },
+    }
+
+
+def summarize(rounds: list[dict]) -> dict:
+    """Take the median of each figure over the rounds of one peer."""
+    summary = {}
+    for field in ("requests_per_second", "p50_ms", "p99_ms"):
+        values = [round_[field] for round_ in rounds if field in round_]
+        summary[field] = statistics.median(values) if values else None
+    summary["errors"] = sum(r["non_2xx"] + r["socket_errors"] for r in rounds)
+    return summary
+
+
+def ratio(value: float | None, reference: float | None) -> float | None:
+    if not value or not reference:
+        return None
+    return value / reference
+
+
+def evaluate_targets(summaries: dict[str, dict], connections: int) -> list[dict]:
+    """Check tiled against the targets the project sets for hot tiles."""
+    tiled = summaries.get("tiled")
+    nginx = summaries.get("nginx static")
+    iip = summaries.get("IIPImage + memcached")
+    if tiled is None:
+        return []
+    tiled_rps = tiled["requests_per_second"]
+    targets = []
+    if iip is not None:
+        value = ratio(tiled_rps, iip["requests_per_second"])
+        targets.append({"target": "tiled >= 3x IIPImage + memcached (req/s)",
+                        "value": f"{value:.2f}x" if value else "n/a",
+                        "passed": bool(value and value >= 3.0)})
+    if nginx is not None:
+        value = ratio(tiled_rps, nginx["requests_per_second"])
+        targets.append({"target": "tiled >= 0.3x nginx static (req/s)",
+                        "value": f"{value:.2f}x" if value else "n/a",
+                        "passed": bool(value and value >= 0.3)})
+    p99 = tiled["p99_ms"]
+    targets.append({"target": f"tiled p99 < 10 ms at {connections} connections",
+                    "value": f"{p99:.2f} ms" if p99 is not None else "n/a",
+                    "passed": p99 is not None and p99 < 10.0})
+    if tiled["errors"]:
+        targets.append({"target": "tiled answers every request with 2xx",
+                        "value": f"{tiled['errors']} errors", "passed": False})
+    return targets
+
+
+def format_number(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def render_section(result: dict) -> str:
+    summaries = result["summaries"]
+    nginx = summaries.get("nginx static", {}).get("requests_per_second")
+    iip = summaries.get("IIPImage + memcached", {}).get("requests_per_second")
+    settings = result["settings"]
+    machine = result["machine"]
+    lines = [
+        README_START,
+        "",
+        f"## Latest run: {result['started']}",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Machine: {machine['nproc']} CPUs, {machine['cpu_model']}, "
+        f"Linux {machine['kernel']}, Python {machine['python']}. "
+        f"Servers pinned to CPU {settings['server_cpu']}, wrk to CPU "
+        f"{settings['client_cpu']}.",
+        "",
+        f"Load: wrk -t{settings['threads']} -c{settings['connections']} "
+        f"-d{settings['duration_s']:g}s, {settings['tiles']} distinct tiles over the "
+        f"{settings['levels']} highest DeepZoom levels of a "
+        f"{result['slide']['width']}x{result['slide']['height']} slide "
+        f"({result['slide']['source']}), median of {settings['rounds']} rounds "
+        "after one warm-up pass.",
+        "",
+        "| peer | req/s | ratio to nginx | ratio to IIPImage + memcached "
+        "| p50 ms | p99 ms | errors | mean tile bytes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, summary in summaries.items():
+        rps = summary["requests_per_second"]
+        nginx_ratio = ratio(rps, nginx)
+        iip_ratio = ratio(rps, iip)
+        lines.append(
+            f"| {name} | {format_number(rps)} "
+            f"| {format_number(nginx_ratio, 2)} | {format_number(iip_ratio, 2)} "
+            f"| {format_number(summary['p50_ms'], 2)} "
+            f"| {format_number(summary['p99_ms'], 2)} "
+            f"| {summary['errors']} "
+            f"| {format_number(result['peers'][name]['mean_tile_bytes'])} |"
+        )
+    for name in result.get("skipped", {}):
+        lines.append(f"| {name} | not run: {result['skipped'][name]} "
+                     "| | | | | | |")
+    targets = result.get("targets", [])
+    if targets:
+        lines += ["", "| target | measured | result |", "|---|---:|---|"]
+        for target in targets:
+            verdict = "pass" if target["passed"] else "FAIL"
+            lines.append(f"| {target['target']} | {target['value']} | {verdict} |")
+    lines += [
+        "",
+        f"Raw results: `bench/results/{result['results_file']}`. The machine is "
+        "shared and noisy, so compare the ratios within one run, not absolute "
+        "numbers across runs.",
+        "",
+        README_END,
+    ]
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, section: str) -> None:
+    """Replace the generated section of readme, or append one."""
+    text = readme.read_text() if readme.exists() else ""
+    if README_START in text and README_END in text:
+        before = text.split(README_START, 1)[0]
+        after = text.split(README_END, 1)[1]
+        text = before + section + after
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    readme.write_text(text)
+
+
+def write_results(results_dir: Path, result: dict) -> Path:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / result["results_file"]
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path

@@ -1,0 +1,296 @@
+#!/usr/bin/env python3
+"""Benchmark tiled's hot DeepZoom tiles against nginx and IIPImage in one run.
+
+Usage: python bench/run.py [--quick] [--peers ...]. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+import load  # noqa: E402
+import peers  # noqa: E402
+import report  # noqa: E402
+import slide  # noqa: E402
+
+log = logging.getLogger("bench")
+
+PEER_KEYS = ("nginx", "iip-memcached", "iip", "tiled")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--duration", type=float, default=15.0,
+                        help="seconds of load per wrk run (default 15)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="wrk runs per peer; the table shows the median (default 3)")
+    parser.add_argument("--quick", action="store_true",
+                        help="short check: 3 s per run, 1 round")
+    parser.add_argument("--connections", type=int, default=32,
+                        help="open wrk connections (default 32)")
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
+    parser.add_argument("--tiles", type=int, default=2000,
+                        help="distinct tile URLs cycled by wrk (default 2000)")
+    parser.add_argument("--levels", type=int, default=3,
+                        help="sample tiles from this many highest DeepZoom levels "
+                             "(default 3)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the tile sample")
+    parser.add_argument("--width", type=int, default=40000, help="slide width in px")
+    parser.add_argument("--height", type=int, default=30000, help="slide height in px")
+    parser.add_argument("--peers", default=",".join(PEER_KEYS),
+                        help=f"comma-separated subset of {','.join(PEER_KEYS)}")
+    parser.add_argument("--server-cpu", default="0",
+                        help="CPU list for the servers, as taskset takes it (default 0)")
+    parser.add_argument("--client-cpu", default="1",
+                        help="CPU list for wrk (default 1)")
+    parser.add_argument("--samples", type=Path,
+                        default=Path(os.environ.get("TILED_SAMPLES", "")) or None,
+                        help="folder with the sample slides; the slide is built from "
+                             "CMU-1-Small-Region.svs found there, else from a synthetic "
+                             "texture (default: $TILED_SAMPLES)")
+    parser.add_argument("--data-dir", type=Path, default=BENCH_DIR / ".data",
+                        help="cache of the slide, DeepZoom tree, tiled store and logs")
+    parser.add_argument("--tiled-command", default=None,
+                        help="command that runs the tiled CLI (default: `tiled` on "
+                             "PATH, else `python -m tiled.cli`)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the rounds, record tiled under load with py-spy")
+    parser.add_argument("--no-readme", action="store_true",
+                        help="write the JSON results but leave bench/README.md alone")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration = 3.0
+        args.rounds = 1
+    args.peer_keys = [key.strip() for key in args.peers.split(",") if key.strip()]
+    unknown = set(args.peer_keys) - set(PEER_KEYS)
+    if unknown:
+        parser.error(f"unknown peers {sorted(unknown)}; choose from {PEER_KEYS}")
+    if args.duration <= 0 or args.rounds < 1:
+        parser.error("--duration must be positive and --rounds at least 1")
+    return args
+
+
+def resolve_tiled_command(option: str | None) -> list[str] | None:
+    if option:
+        return shlex.split(option)
+    found = shutil.which("tiled")
+    if found:
+        return [found]
+    probe = subprocess.run([sys.executable, "-c", "import tiled.cli"],
+                           capture_output=True)
+    if probe.returncode == 0:
+        return [sys.executable, "-m", "tiled.cli"]
+    return None
+
+
+def prepare_slide(args: argparse.Namespace) -> slide.SlideInfo:
+    data = args.data_dir
+    samples = args.samples if args.samples else Path("/nonexistent")
+    info = slide.build_slide(data / "slide.tif", samples,
+                             args.width, args.height, args.seed)
+    return info
+
+
+def build_peers(args: argparse.Namespace, info: slide.SlideInfo,
+                run_dir: Path) -> tuple[list[peers.Peer], dict[str, str]]:
+    """Create the requested peers; return them and the ones skipped, with why."""
+    built: list[peers.Peer] = []
+    skipped: dict[str, str] = {}
+    for key in args.peer_keys:
+        if key == "nginx":
+            dz_dir = slide.build_dzsave_tree(info.path, args.data_dir / "dz")
+            built.append(peers.NginxPeer(run_dir, args.server_cpu, dz_dir.parent))
+        elif key == "iip-memcached":
+            built.append(peers.IipPeer(run_dir, args.server_cpu, info.path, True))
+        elif key == "iip":
+            built.append(peers.IipPeer(run_dir, args.server_cpu, info.path, False))
+        elif key == "tiled":
+            command = resolve_tiled_command(args.tiled_command)
+            if command is None:
+                log.warning("tiled is not installed (pip install -e .); skipping it")
+                skipped["tiled"] = "tiled CLI not installed"
+                continue
+            # tiled serves a folder, so give it one that holds only the slide.
+            slide_dir = args.data_dir / "tiled-slides"
+            slide_dir.mkdir(exist_ok=True)
+            link = slide_dir / info.path.name
+            link.unlink(missing_ok=True)
+            os.link(info.path, link)
+            tiled = peers.TiledPeer(run_dir, args.server_cpu, slide_dir,
+                                    args.data_dir / "store", command)
+            tiled.ingest(link)
+            built.append(tiled)
+    return built, skipped
+
+
+def check_sizes(reference: peers.Peer, reference_sizes: dict,
+                peer: peers.Peer, sizes: dict) -> list[str]:
+    """List tiles whose JPEG frame size differs from the reference peer's."""
+    problems = []
+    for key, expected in reference_sizes.items():
+        if sizes.get(key) != expected:
+            problems.append(f"{peer.name} tile {key} is {sizes.get(key)}, "
+                            f"{reference.name} returns {expected}")
+    return problems
+
+
+def profile_tiled(tiled: peers.TiledPeer, urls_file: Path, args: argparse.Namespace,
+                  out_dir: Path) -> dict:
+    """Record py-spy stacks of tiled while wrk loads it; return file names."""
+    py_spy = shutil.which("py-spy")
+    if py_spy is None:
+        log.warning("py-spy is not installed (pip install py-spy); no profile")
+        return {}
+    pid = str(tiled.server_pids()[0])
+    # With `tiled serve` started through taskset, the Python process is the
+    # group leader itself, so its pid is the one to sample.
+    seconds = max(int(args.duration), 5)
+    outputs = {}
+    for fmt, suffix in (("speedscope", "speedscope.json"), ("raw", "folded.txt")):
+        target = out_dir / f"tiled-profile.{suffix}"
+        recorder = subprocess.Popen(
+            [py_spy, "record", "--pid", pid, "--duration", str(seconds),
+             "--rate", "250", "--format", fmt, "--output", str(target), "--nonblocking"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )
+        time.sleep(0.5)
+        load.run_wrk(tiled.port, urls_file, seconds, args.connections,
+                     args.threads, args.client_cpu)
+        recorder.wait(timeout=seconds + 60)
+        outputs[fmt] = str(target)
+    return outputs
+
+
+def measure(args: argparse.Namespace) -> dict:
+    started = datetime.datetime.now(datetime.timezone.utc)
+    machine = report.describe_machine()
+    if (machine["nproc"] or 1) < 2 and args.client_cpu != args.server_cpu:
+        log.warning("one CPU only: wrk and the servers share CPU %s", args.server_cpu)
+        args.client_cpu = args.server_cpu
+    info = prepare_slide(args)
+    tiles = load.sample_tiles(info.width, info.height, args.tiles, args.levels, args.seed)
+    run_dir = args.data_dir / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    built, skipped = build_peers(args, info, run_dir)
+
+    peer_results: dict[str, dict] = {}
+    urls_files: dict[str, Path] = {}
+    reference: tuple[peers.Peer, dict] | None = None
+    profile: dict = {}
+    try:
+        for peer in built:
+            peer.start()
+            paths = [peer.tile_path(tile) for tile in tiles]
+            urls_file = run_dir / f"{peer.key}.urls"
+            urls_file.write_text("\n".join(paths) + "\n")
+            urls_files[peer.name] = urls_file
+            warm_started = time.monotonic()
+            warm = load.warm_up(peer.port, paths, tiles)
+            warm_seconds = time.monotonic() - warm_started
+            problems = list(warm.errors)
+            if reference is None:
+                reference = (peer, warm.sizes)
+            else:
+                problems += check_sizes(reference[0], reference[1], peer, warm.sizes)
+            if problems:
+                log.error("%s: %d problems in the warm-up pass, first: %s",
+                          peer.name, len(problems), problems[0])
+            log.info("%s warmed up: %d tiles in %.1f s", peer.name, len(paths),
+                     warm_seconds)
+            peer_results[peer.name] = {
+                "description": peer.description,
+                "example_url": paths[0],
+                "warmup_seconds": warm_seconds,
+                "warmup_problems": problems[:20],
+                "warmup_problem_count": len(problems),
+                "mean_tile_bytes": warm.bytes_total / len(paths),
+                "rounds": [],
+            }
+
+        for round_index in range(args.rounds):
+            for peer in built:
+                for process in peer.processes:
+                    process.check_alive()
+                parsed, raw = load.run_wrk(peer.port, urls_files[peer.name],
+                                           args.duration, args.connections,
+                                           args.threads, args.client_cpu)
+                (run_dir / f"{peer.key}.wrk{round_index}.txt").write_text(raw)
+                peer_results[peer.name]["rounds"].append(parsed)
+                log.info("round %d %-22s %9.0f req/s  p50 %6.2f ms  p99 %6.2f ms",
+                         round_index + 1, peer.name, parsed["requests_per_second"],
+                         parsed.get("p50_ms", float("nan")),
+                         parsed.get("p99_ms", float("nan")))
+                time.sleep(1.0)
+
+        if args.profile:
+            tiled_peers = [peer for peer in built if isinstance(peer, peers.TiledPeer)]
+            if tiled_peers:
+                profile = profile_tiled(tiled_peers[0], urls_files["tiled"], args,
+                                        run_dir)
+    finally:
+        for peer in built:
+            peer.stop()
+
+    summaries = {name: report.summarize(result["rounds"])
+                 for name, result in peer_results.items()}
+    for name, result in peer_results.items():
+        summaries[name]["errors"] += result["warmup_problem_count"]
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    return {
+        "started": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "results_file": f"{stamp}.json",
+        "command": "python bench/run.py " + " ".join(
+            shlex.quote(arg) for arg in sys.argv[1:]),
+        "machine": machine,
+        "settings": {
+            "duration_s": args.duration, "rounds": args.rounds,
+            "connections": args.connections, "threads": args.threads,
+            "tiles": args.tiles, "levels": args.levels, "seed": args.seed,
+            "server_cpu": args.server_cpu, "client_cpu": args.client_cpu,
+        },
+        "slide": {"width": info.width, "height": info.height, "source": info.source,
+                  "bytes": info.path.stat().st_size},
+        "tile_levels": sorted({tile.level for tile in tiles}, reverse=True),
+        "peers": peer_results,
+        "summaries": summaries,
+        "skipped": skipped,
+        "targets": report.evaluate_targets(summaries, args.connections),
+        "profile": profile,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    result = measure(args)
+    path = report.write_results(BENCH_DIR / "results", result)
+    log.info("wrote %s", path)
+    section = report.render_section(result)
+    print(section)
+    if not args.no_readme:
+        report.update_readme(BENCH_DIR / "README.md", section)
+    failed = [target for target in result["targets"] if not target["passed"]]
+    for target in failed:
+        log.warning("target missed: %s (measured %s)", target["target"], target["value"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
