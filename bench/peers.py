@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -333,3 +334,43 @@ class TiledPeer(Peer):
 
     def tile_path(self, tile: Tile) -> str:
         return f"/slides/{self.slide_id}_files/{tile.level}/{tile.col}_{tile.row}.jpeg"
+
+
+class MinimalPeer(Peer):
+    """bench/minimal_server.py: aiohttp + uvloop + LMDB with nothing else."""
+
+    def __init__(self, run_dir: Path, cpu: str, dz_dir: Path, store: Path,
+                 protocol: bool = False) -> None:
+        self.protocol = protocol
+        if protocol:
+            self.name = "minimal uvloop protocol + LMDB"
+            self.description = ("bench/minimal_server.py --protocol: a bare "
+                                "asyncio.Protocol on uvloop, one LMDB get per request")
+        else:
+            self.name = "minimal aiohttp + LMDB"
+            self.description = ("bench/minimal_server.py: aiohttp web.Application "
+                                "on uvloop, one LMDB get per request, no middleware")
+        super().__init__(run_dir, cpu)
+        self.tree = dz_dir.resolve() / "slide_files"
+        self.store = store.resolve()
+        self.script = Path(__file__).with_name("minimal_server.py")
+
+    def start(self) -> None:
+        marker = self.store / ".bench-loaded"
+        if not marker.exists():
+            shutil.rmtree(self.store, ignore_errors=True)
+            subprocess.run([sys.executable, str(self.script), "load", str(self.tree),
+                            str(self.store)], check=True)
+            marker.write_text(str(self.tree) + "\n")
+        command = [sys.executable, str(self.script), "serve", str(self.store),
+                   "--port", str(self.port)]
+        if self.protocol:
+            command.append("--protocol")
+        process = Process(self.name, command,
+                          self.run_dir / "server.log", self.cpu)
+        process.start()
+        self.processes.append(process)
+        wait_for_http(self.port, "/health", self.processes)
+
+    def tile_path(self, tile: Tile) -> str:
+        return f"/{tile.level}/{tile.col}_{tile.row}.jpg"

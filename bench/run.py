@@ -28,7 +28,7 @@ import slide  # noqa: E402
 
 log = logging.getLogger("bench")
 
-PEER_KEYS = ("nginx", "iip-memcached", "iip", "tiled")
+PEER_KEYS = ("nginx", "iip-memcached", "iip", "minimal", "minimal-protocol", "tiled")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -119,6 +119,11 @@ def build_peers(args: argparse.Namespace, info: slide.SlideInfo,
             built.append(peers.IipPeer(run_dir, args.server_cpu, info.path, True))
         elif key == "iip":
             built.append(peers.IipPeer(run_dir, args.server_cpu, info.path, False))
+        elif key in ("minimal", "minimal-protocol"):
+            dz_dir = slide.build_dzsave_tree(info.path, args.data_dir / "dz")
+            built.append(peers.MinimalPeer(run_dir, args.server_cpu, dz_dir.parent,
+                                           args.data_dir / "minimal-lmdb",
+                                           protocol=key == "minimal-protocol"))
         elif key == "tiled":
             command = resolve_tiled_command(args.tiled_command)
             if command is None:
@@ -232,7 +237,7 @@ def measure(args: argparse.Namespace) -> dict:
                                            args.threads, args.client_cpu)
                 (run_dir / f"{peer.key}.wrk{round_index}.txt").write_text(raw)
                 peer_results[peer.name]["rounds"].append(parsed)
-                log.info("round %d %-22s %9.0f req/s  p50 %6.2f ms  p99 %6.2f ms",
+                log.info("round %d %-32s %9.0f req/s  p50 %6.2f ms  p99 %6.2f ms",
                          round_index + 1, peer.name, parsed["requests_per_second"],
                          parsed.get("p50_ms", float("nan")),
                          parsed.get("p99_ms", float("nan")))
