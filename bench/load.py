@@ -133,7 +133,7 @@ UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 def parse_duration_ms(text: str) -> float:
     match = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
     if match is None:
-        raise ValueError(f"unrecognised wrk duration {text!r}")
+        raise ValueError(f"invalid wrk duration {text!r}")
     return float(match.group(1)) * UNIT_SECONDS[match.group(2)] * 1000.0
 
 

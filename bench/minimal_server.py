@@ -1,6 +1,6 @@
-"""The least a Python tile server can do: aiohttp on uvloop answering from LMDB.
+"""Minimal Python tile servers on uvloop that serve JPEG tiles from LMDB.
 
-It shows the ceiling of tiled's own stack on the benchmark machine. The
+They show the ceiling of tiled's own stack on the benchmark machine. The
 `load` command copies a vips dzsave tree into an LMDB environment (key
 ``{level}/{col}_{row}``, value the JPEG bytes); `serve` answers
 ``GET /{level}/{col}_{row}.jpg`` from it with one read-only transaction per
@@ -61,7 +61,7 @@ class TileProtocol:
     """An HTTP/1.1 keep-alive server written straight on asyncio.Protocol.
 
     It parses only what wrk and browsers send for a GET (request line, headers
-    ended by a blank line, no body) and answers 404 for anything else, so it
+    ended by a blank line, no body) and returns 404 for anything else, so it
     measures what the event loop and LMDB cost without an HTTP framework.
     """
 
