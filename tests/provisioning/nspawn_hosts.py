@@ -59,6 +59,7 @@ NODE_DEBS = (
     "prometheus",
     "haproxy",
     "curl",
+    "python3-yaml",
 )
 
 BRIDGE = "br-tiledt"
