@@ -114,6 +114,8 @@ class Peer:
 
     name = ""
     description = ""
+    # The --peers key that selected this peer.
+    option_key = ""
 
     def __init__(self, run_dir: Path, cpu: str) -> None:
         self.run_dir = run_dir / self.key

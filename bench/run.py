@@ -67,8 +67,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tiled-command", default=None,
                         help="command that runs the tiled CLI (default: `tiled` on "
                              "PATH, else `python -m tiled.cli`)")
-    parser.add_argument("--profile", action="store_true",
-                        help="after the rounds, record tiled under load with py-spy")
+    parser.add_argument("--profile", nargs="?", const="tiled", default=None,
+                        metavar="PEER",
+                        help="after the rounds, record PEER (default tiled) under "
+                             "load with py-spy")
     parser.add_argument("--no-readme", action="store_true",
                         help="write the JSON results but leave bench/README.md alone")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -80,6 +82,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = set(args.peer_keys) - set(PEER_KEYS)
     if unknown:
         parser.error(f"unknown peers {sorted(unknown)}; choose from {PEER_KEYS}")
+    if args.profile and args.profile not in args.peer_keys:
+        parser.error(f"--profile {args.profile}: not among --peers {args.peers}")
     if args.duration <= 0 or args.rounds < 1:
         parser.error("--duration must be positive and --rounds at least 1")
     return args
@@ -140,6 +144,7 @@ def build_peers(args: argparse.Namespace, info: slide.SlideInfo,
                                     args.data_dir / "store", command)
             tiled.ingest(link)
             built.append(tiled)
+        built[-1].option_key = key
     return built, skipped
 
 
@@ -154,30 +159,35 @@ def check_sizes(reference: peers.Peer, reference_sizes: dict,
     return problems
 
 
-def profile_tiled(tiled: peers.TiledPeer, urls_file: Path, args: argparse.Namespace,
-                  out_dir: Path) -> dict:
-    """Record py-spy stacks of tiled while wrk loads it; return file names."""
+def profile_peer(peer: peers.Peer, urls_file: Path, args: argparse.Namespace,
+                 out_dir: Path) -> dict:
+    """Record py-spy stacks of a Python server while wrk loads it.
+
+    Returns the paths of the speedscope and folded-stack files and the wrk
+    figures of the profiled runs, which py-spy slows down.
+    """
     py_spy = shutil.which("py-spy")
     if py_spy is None:
         log.warning("py-spy is not installed (pip install py-spy); no profile")
         return {}
-    pid = str(tiled.server_pids()[0])
-    # With `tiled serve` started through taskset, the Python process is the
-    # group leader itself, so its pid is the one to sample.
+    # taskset execs the server, so the group leader is the Python process.
+    pid = str(peer.server_pids()[-1])
     seconds = max(int(args.duration), 5)
     outputs = {}
     for fmt, suffix in (("speedscope", "speedscope.json"), ("raw", "folded.txt")):
-        target = out_dir / f"tiled-profile.{suffix}"
+        target = out_dir / f"{peer.key}-profile.{suffix}"
         recorder = subprocess.Popen(
             [py_spy, "record", "--pid", pid, "--duration", str(seconds),
              "--rate", "250", "--format", fmt, "--output", str(target), "--nonblocking"],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )
         time.sleep(0.5)
-        load.run_wrk(tiled.port, urls_file, seconds, args.connections,
-                     args.threads, args.client_cpu)
+        parsed, _ = load.run_wrk(peer.port, urls_file, seconds, args.connections,
+                                 args.threads, args.client_cpu)
         recorder.wait(timeout=seconds + 60)
         outputs[fmt] = str(target)
+        outputs[f"wrk_under_{fmt}_profile"] = parsed
+    log.info("profile of %s written to %s", peer.name, outputs["raw"])
     return outputs
 
 
@@ -244,10 +254,10 @@ def measure(args: argparse.Namespace) -> dict:
                 time.sleep(1.0)
 
         if args.profile:
-            tiled_peers = [peer for peer in built if isinstance(peer, peers.TiledPeer)]
-            if tiled_peers:
-                profile = profile_tiled(tiled_peers[0], urls_files["tiled"], args,
-                                        run_dir)
+            profiled = [peer for peer in built if peer.option_key == args.profile]
+            if profiled:
+                profile = profile_peer(profiled[0], urls_files[profiled[0].name], args,
+                                       run_dir)
     finally:
         for peer in built:
             peer.stop()
