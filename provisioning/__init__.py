@@ -1,0 +1,1 @@
+"""Provisioning of tiled clusters with Ansible: the ``tiled-provision`` command."""
