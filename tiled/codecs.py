@@ -69,13 +69,14 @@ def jpeg_with_tables(tile: bytes, tables: bytes | None, rgb: bool) -> bytes:
     """Make a standalone JPEG from a TIFF tile and the file's JPEGTables.
 
     The tables tag is an abbreviated JPEG (SOI, DQT/DHT segments, EOI); its
-    segments go right after the tile's SOI. With ``rgb`` an Adobe APP14 marker
-    is inserted so decoders do not treat the components as YCbCr.
+    segments go right after the tile's SOI. With ``rgb`` (TIFF photometric
+    RGB) an Adobe APP14 marker is inserted, unless the tile already declares
+    its colour encoding, so decoders do not treat the components as YCbCr.
     """
     if tile[:2] != SOI:
         raise ValueError("tile does not start with a JPEG SOI marker")
     parts = [SOI]
-    if rgb and not has_adobe_marker(tile):
+    if rgb and not declares_colour_transform(tile):
         parts.append(ADOBE_APP14_RGB)
     if tables:
         body = tables
@@ -88,20 +89,36 @@ def jpeg_with_tables(tile: bytes, tables: bytes | None, rgb: bool) -> bytes:
     return b"".join(parts)
 
 
-def has_adobe_marker(jpeg: bytes) -> bool:
-    """Return True if a JPEG carries an Adobe APP14 segment before its scan."""
+def _app_segments(jpeg: bytes) -> list[tuple[int, bytes]]:
+    """Return (marker, first bytes) of the APPn segments before the first scan."""
+    segments = []
     position = 2
     while position + 4 <= len(jpeg):
         if jpeg[position] != 0xFF:
-            return False
+            break
         marker = jpeg[position + 1]
         if marker == 0xDA:
-            return False
+            break
         length = int.from_bytes(jpeg[position + 2 : position + 4], "big")
-        if marker == 0xEE and jpeg[position + 4 : position + 9] == b"Adobe":
-            return True
+        if 0xE0 <= marker <= 0xEF:
+            segments.append((marker, jpeg[position + 4 : position + 9]))
         position += 2 + length
-    return False
+    return segments
+
+
+def has_adobe_marker(jpeg: bytes) -> bool:
+    """Return True if a JPEG carries an Adobe APP14 segment before its scan."""
+    return (0xEE, b"Adobe") in _app_segments(jpeg)
+
+
+def declares_colour_transform(jpeg: bytes) -> bool:
+    """Return True if a JFIF or Adobe segment tells decoders the colour encoding.
+
+    libjpeg reads JFIF as YCbCr and follows the Adobe transform flag; a tile
+    with either must be left as it is.
+    """
+    segments = _app_segments(jpeg)
+    return (0xE0, b"JFIF\x00") in segments or (0xEE, b"Adobe") in segments
 
 
 def encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:

@@ -339,3 +339,70 @@ class Store:
                     if not key.startswith(prefix):
                         break
                     yield bytes(key)
+
+
+class StoreWriter:
+    """Writes tiles made on request in batches from one background thread.
+
+    Every commit syncs the data file, so one commit per tile would cost a
+    disk flush per request; batching shares it. Tiles queued but not yet
+    committed are found by ``pending`` so a repeat request does not remake
+    them.
+    """
+
+    def __init__(self, store: Store, max_batch: int = 256,
+                 max_delay_seconds: float = 0.05) -> None:
+        self.store = store
+        self.max_batch = max_batch
+        self.max_delay = max_delay_seconds
+        self._pending: dict[bytes, Tile] = {}
+        self._condition = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="tiled-store-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    def pending(self, key: bytes) -> Tile | None:
+        return self._pending.get(key)
+
+    def put(self, items: Iterable[tuple[bytes, Tile]]) -> None:
+        with self._condition:
+            for key, tile in items:
+                self._pending[key] = tile
+            self._condition.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not self._pending and not self._closed:
+                    self._condition.wait()
+                if not self._pending and self._closed:
+                    return
+            # Let more tiles gather unless the batch is already full.
+            if len(self._pending) < self.max_batch and not self._closed:
+                threading.Event().wait(self.max_delay)
+            with self._condition:
+                batch = list(self._pending.items())[: self.max_batch * 4]
+            try:
+                self.store.put_tiles(batch)
+            except StoreError as error:
+                log.error("dropping %d tiles that could not be stored: %s",
+                          len(batch), error)
+            with self._condition:
+                for key, tile in batch:
+                    if self._pending.get(key) is tile:
+                        del self._pending[key]
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every queued tile is committed or dropped."""
+        deadline = threading.Event()
+        waited = 0.0
+        while self._pending and waited < timeout:
+            deadline.wait(0.01)
+            waited += 0.01
+
+    def close(self) -> None:
+        with self._condition:
+            self._closed = True
+            self._condition.notify()
+        self._thread.join(timeout=30)

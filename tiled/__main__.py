@@ -1,0 +1,5 @@
+import sys
+
+from tiled.cli import main
+
+sys.exit(main())

@@ -1,0 +1,463 @@
+"""The HTTP daemon: aiohttp on uvloop.
+
+Hot tiles are read from LMDB on the event loop: a page-cache hit takes a
+few microseconds, less than a hop to a thread. Opening slides, decoding,
+resampling, encoding and store writes run in a thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from tiled import __version__, metrics
+from tiled.codecs import Codec, Tile, decode_tile, encode_jpeg, encode_png, to_rgb8
+from tiled.config import Settings
+from tiled.errors import BadRequest, NotFound, TiledError
+from tiled.slides import Catalog, SlideEntry, SlidePyramid, default_store_path
+from tiled.store import Store, StoreWriter
+
+log = logging.getLogger("tiled.server")
+
+CATALOG = web.AppKey("catalog", Catalog)
+SETTINGS = web.AppKey("settings", Settings)
+SERVICE = web.AppKey("service", "TileService")
+
+JSON_ERROR_HEADERS = {"Cache-Control": "no-store"}
+MEDIA_TYPES = {"jpeg": "image/jpeg", "jpg": "image/jpeg", "png": "image/png"}
+TILE_PATH = re.compile(r"^(\d{1,2})/(\d{1,7})_(\d{1,7})\.(jpeg|jpg|png)$")
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None
+                  ) -> web.Response:
+    return web.Response(
+        body=json.dumps(data, separators=(",", ":")).encode(),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return json_response(
+        {"error": code, "message": message, "status": status},
+        status=status,
+        headers=JSON_ERROR_HEADERS,
+    )
+
+
+class EncodedCache:
+    """Tiles encoded for a response, bounded in bytes, least recently used out."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity = capacity_bytes
+        self.size = 0
+        self._items: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes) -> bytes | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: bytes, value: bytes) -> None:
+        if len(value) > self.capacity:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.size -= len(old)
+            self._items[key] = value
+            self.size += len(value)
+            while self.size > self.capacity:
+                _, dropped = self._items.popitem(last=False)
+                self.size -= len(dropped)
+
+
+class TileService:
+    """Tiles of every slide: the store first, then made in the thread pool."""
+
+    def __init__(self, settings: Settings, catalog: Catalog) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=settings.server.threads, thread_name_prefix="tiled-worker"
+        )
+        self.encoded = EncodedCache(settings.store.memory_cache_bytes)
+        self._in_flight: dict[bytes, asyncio.Future[Tile]] = {}
+
+    async def run(self, function: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, function, *args)
+
+    async def pyramid(self, entry: SlideEntry) -> SlidePyramid:
+        pyramid = entry.pyramid
+        if pyramid is None:
+            pyramid = await self.run(self.catalog.open, entry)
+        return pyramid
+
+    async def tile(self, pyramid: SlidePyramid, z: int, t_col: int, t_row: int
+                   ) -> tuple[Tile, str]:
+        """Return a tile and its cache outcome: hit, or generated."""
+        tile = pyramid.cached(z, t_col, t_row)
+        if tile is not None:
+            return tile, "hit"
+        key = pyramid.key(z, t_col, t_row)
+        future = self._in_flight.get(key)
+        if future is not None:
+            return await asyncio.shield(future), "hit"
+        future = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = future
+        try:
+            tile = await self.run(pyramid.make, z, t_col, t_row)
+        except BaseException as error:
+            future.set_exception(error)
+            # The waiters, if any, consume the exception; none means no warning.
+            future.exception()
+            raise
+        else:
+            future.set_result(tile)
+        finally:
+            del self._in_flight[key]
+        return tile, "generated"
+
+    def encode(self, tile: Tile, extension: str, quality: int) -> bytes:
+        """Return tile bytes in the requested format, converting if needed."""
+        if extension == "png":
+            if tile.codec == Codec.PNG:
+                return tile.data
+            return encode_png(to_rgb8(decode_tile(tile)) if tile.bits != 8
+                              else decode_tile(tile))
+        if tile.codec == Codec.JPEG:
+            return tile.data
+        pixels = decode_tile(tile)
+        return encode_jpeg(to_rgb8(pixels), quality)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def route_of(path: str) -> str:
+    if path.startswith("/slides/"):
+        if "_files/" in path or path.endswith(".dzi"):
+            return "deepzoom"
+        return "api"
+    if path.startswith("/iiif/"):
+        return "iiif"
+    if path.startswith("/dicomweb/"):
+        return "dicomweb"
+    if path.startswith("/region") or path.startswith("/api/"):
+        return "region"
+    if path in ("/healthz", "/metrics"):
+        return "ops"
+    if path == "/slides":
+        return "api"
+    return "viewer"
+
+
+@web.middleware
+async def observe(request: web.Request,
+                  handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                  ) -> web.StreamResponse:
+    """Count, time and turn errors into JSON; add CORS headers."""
+    started = time.perf_counter()
+    route = route_of(request.path)
+    metrics.HTTP_IN_FLIGHT.inc()
+    try:
+        if request.method == "OPTIONS":
+            response: web.StreamResponse = web.Response(status=204)
+            response.headers["Access-Control-Allow-Methods"] = "GET, HEAD, OPTIONS"
+            response.headers["Access-Control-Allow-Headers"] = (
+                "Accept, If-None-Match, Range"
+            )
+            response.headers["Access-Control-Max-Age"] = "86400"
+        else:
+            try:
+                response = await handler(request)
+            except TiledError as error:
+                response = error_response(error.status, error.code, str(error))
+            except web.HTTPException as error:
+                if error.status < 400:
+                    raise
+                response = error_response(
+                    error.status, error.reason.lower().replace(" ", "_"), error.reason
+                )
+                if error.status == 405:
+                    response.headers["Allow"] = error.headers.get("Allow", "GET, HEAD")
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("unhandled error on %s %s", request.method, route)
+                response = error_response(500, "internal_error",
+                                          "internal server error")
+        origins = request.app[SETTINGS].server.cors_origins
+        if origins:
+            origin = request.headers.get("Origin")
+            if "*" in origins:
+                response.headers["Access-Control-Allow-Origin"] = "*"
+            elif origin in origins:
+                response.headers["Access-Control-Allow-Origin"] = origin
+                response.headers["Vary"] = "Origin"
+            response.headers["Access-Control-Expose-Headers"] = "ETag, Content-Length"
+        return response
+    finally:
+        metrics.HTTP_IN_FLIGHT.dec()
+        status = locals().get("response")
+        code = status.status if status is not None else 500
+        metrics.HTTP_REQUESTS.labels(route, request.method, f"{code // 100}xx").inc()
+        metrics.HTTP_REQUEST_DURATION.labels(route).observe(
+            time.perf_counter() - started
+        )
+        if status is not None and status.body_length:
+            metrics.HTTP_RESPONSE_BYTES.labels(route).inc(status.body_length)
+
+
+def etag_for(*parts: object) -> str:
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=12)
+    return f'"{digest.hexdigest()}"'
+
+
+def not_modified(request: web.Request, etag: str) -> bool:
+    header = request.headers.get("If-None-Match")
+    if not header:
+        return False
+    if header.strip() == "*":
+        return True
+    # If-None-Match uses weak comparison (RFC 9110, section 13.1.2).
+    candidates = (value.strip().removeprefix("W/") for value in header.split(","))
+    return etag in candidates
+
+
+def _slide_summary(entry: SlideEntry, pyramid: SlidePyramid | None,
+                   settings: Settings, error: TiledError | None = None
+                   ) -> dict[str, Any]:
+    name = entry.name if settings.slides.show_file_names else entry.id
+    summary: dict[str, Any] = {"id": entry.id, "name": name}
+    if pyramid is None:
+        summary["available"] = False
+        if error is not None:
+            summary["error"] = {"error": error.code, "message": str(error)}
+        return summary
+    level0 = pyramid.record["levels"][0]
+    summary.update(
+        available=True,
+        format=pyramid.format,
+        width=level0["width"],
+        height=level0["height"],
+        dzi=f"/slides/{entry.id}.dzi",
+    )
+    return summary
+
+
+async def list_slides(request: web.Request) -> web.Response:
+    catalog = request.app[CATALOG]
+    service = request.app[SERVICE]
+    settings = request.app[SETTINGS]
+    if time.monotonic() - catalog._last_scan > 30:
+        await service.run(catalog.scan)
+    slides = []
+    for entry in catalog.entries():
+        try:
+            pyramid = await service.pyramid(entry)
+        except TiledError as error:
+            slides.append(_slide_summary(entry, None, settings, error))
+            continue
+        slides.append(_slide_summary(entry, pyramid, settings))
+    return json_response({"slides": slides})
+
+
+async def get_slide(request: web.Request) -> web.Response:
+    catalog = request.app[CATALOG]
+    service = request.app[SERVICE]
+    settings = request.app[SETTINGS]
+    slide_id = request.match_info["slide_id"]
+    if slide_id.endswith(".dzi"):
+        return await get_dzi(request, slide_id[:-4])
+    entry = catalog.get(slide_id)
+    pyramid = await service.pyramid(entry)
+    reader = await service.run(catalog.readers.get, entry)
+    data = _slide_summary(entry, pyramid, settings)
+    geometry = pyramid.geometry
+    data.update(
+        mpp=pyramid.record["mpp"],
+        levels=pyramid.record["levels"],
+        associated_images=sorted(reader.associated_images),
+        properties=dict(reader.properties),
+        deepzoom={
+            "tile_size": geometry.tile_size,
+            "overlap": geometry.overlap,
+            "format": "jpeg",
+            "level_count": geometry.level_count,
+            "level_dimensions": geometry.level_dimensions,
+            "level_tiles": geometry.level_tiles,
+            "stored_complete": pyramid.complete,
+        },
+    )
+    return json_response(data)
+
+
+async def get_dzi(request: web.Request, slide_id: str) -> web.Response:
+    catalog = request.app[CATALOG]
+    service = request.app[SERVICE]
+    entry = catalog.get(slide_id)
+    pyramid = await service.pyramid(entry)
+    width, height = pyramid.geometry.level_dimensions[-1]
+    text = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        '<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" '
+        f'Format="jpeg" Overlap="{pyramid.overlap}" TileSize="{pyramid.tile_size}">'
+        f'<Size Width="{width}" Height="{height}"/></Image>\n'
+    )
+    etag = etag_for(entry.id, pyramid.generation, pyramid.variant, "dzi")
+    headers = {"ETag": etag, "Cache-Control": "public, max-age=300"}
+    if not_modified(request, etag):
+        return web.Response(status=304, headers=headers)
+    return web.Response(text=text, content_type="application/xml", headers=headers)
+
+
+async def get_tile(request: web.Request) -> web.Response:
+    app = request.app
+    slide_id = request.match_info["slide_id"]
+    match = TILE_PATH.match(request.match_info["tail"])
+    if match is None:
+        raise BadRequest(
+            "a DeepZoom tile path is {id}_files/{level}/{col}_{row}.jpeg or .png"
+        )
+    z, t_col, t_row = int(match[1]), int(match[2]), int(match[3])
+    extension = "jpeg" if match[4] == "jpg" else match[4]
+    service = app[SERVICE]
+    entry = app[CATALOG].get(slide_id)
+    pyramid = entry.pyramid or await service.pyramid(entry)
+    geometry = pyramid.geometry
+    if not geometry.valid(z, t_col, t_row):
+        raise NotFound(
+            f"no tile {t_col},{t_row} at DeepZoom level {z} of slide {slide_id}"
+        )
+    settings = app[SETTINGS]
+    etag = etag_for(entry.id, pyramid.generation, pyramid.variant, z, t_col, t_row,
+                    extension)
+    headers = {
+        "ETag": etag,
+        "Cache-Control": f"public, max-age={settings.server.tile_max_age_seconds}",
+    }
+    if not_modified(request, etag):
+        return web.Response(status=304, headers=headers)
+    tile, outcome = await service.tile(pyramid, z, t_col, t_row)
+    native = (tile.codec == Codec.JPEG and extension == "jpeg") or (
+        tile.codec == Codec.PNG and extension == "png"
+    )
+    if native:
+        body = tile.data
+    else:
+        cache_key = pyramid.key(z, t_col, t_row) + b"." + extension.encode()
+        body = service.encoded.get(cache_key)
+        if body is None:
+            body = await service.run(service.encode, tile, extension,
+                                     pyramid.jpeg_quality)
+            service.encoded.put(cache_key, body)
+    metrics.TILES_SERVED.labels(
+        "deepzoom", outcome, tile.codec.label,
+        metrics.level_bucket(geometry.levels_below_full(z)),
+    ).inc()
+    return web.Response(body=body, content_type=MEDIA_TYPES[extension],
+                        headers=headers)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    catalog = request.app[CATALOG]
+    return json_response(
+        {"status": "ok", "version": __version__, "slides": len(catalog._entries)},
+        headers=JSON_ERROR_HEADERS,
+    )
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    request.app[CATALOG].store.update_gauges()
+    body, content_type = metrics.render_metrics()
+    response = web.Response(body=body, headers=JSON_ERROR_HEADERS)
+    response.headers["Content-Type"] = content_type
+    return response
+
+
+def _static_path() -> str:
+    return str(resources.files("tiled") / "static")
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(os.path.join(_static_path(), "index.html"),
+                            headers={"Cache-Control": "no-cache"})
+
+
+async def _lag_monitor() -> None:
+    interval = 0.25
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + interval
+        await asyncio.sleep(interval)
+        metrics.EVENT_LOOP_LAG.observe(max(0.0, loop.time() - due))
+
+
+async def _housekeeping(app: web.Application) -> None:
+    service = app[SERVICE]
+    catalog = app[CATALOG]
+    while True:
+        await asyncio.sleep(10)
+        try:
+            await service.run(catalog.refresh_changed)
+            catalog.store.update_gauges()
+        except Exception:
+            log.exception("housekeeping failed")
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Build the application; the store opens and the roots are scanned here."""
+    store_path = settings.store.path or default_store_path()
+    store = Store(store_path, settings.store.map_size_bytes,
+                  settings.store.max_map_size_bytes)
+    writer = StoreWriter(store)
+    catalog = Catalog(settings, store, writer)
+    catalog.scan()
+    app = web.Application(middlewares=[observe], client_max_size=1 << 16)
+    app[SETTINGS] = settings
+    app[CATALOG] = catalog
+    app[SERVICE] = TileService(settings, catalog)
+    app.router.add_get("/", index)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/slides", list_slides)
+    app.router.add_get("/slides/{slide_id}_files/{tail:.+}", get_tile)
+    app.router.add_get("/slides/{slide_id}", get_slide)
+    app.router.add_static("/static/", _static_path(), append_version=False)
+
+    async def background(app: web.Application):
+        tasks = [asyncio.create_task(_lag_monitor()),
+                 asyncio.create_task(_housekeeping(app))]
+        yield
+        for task in tasks:
+            task.cancel()
+        app[SERVICE].close()
+        writer.close()
+        catalog.close()
+        store.close()
+
+    app.cleanup_ctx.append(background)
+    log.info("serving %d slides from %d roots; store at %s",
+             len(catalog._entries), len(catalog.roots), store_path)
+    return app
+
+
