@@ -8,8 +8,10 @@ import math
 import os
 import random
 import re
+import resource
 import struct
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,6 +164,41 @@ def parse_wrk(output: str) -> dict:
     return result
 
 
+def process_group_cpu_seconds(group: int) -> float:
+    """Sum user and system CPU time of the live processes in a process group."""
+    ticks_per_second = os.sysconf("SC_CLK_TCK")
+    total_ticks = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the command name, which is in brackets and may hold spaces.
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == group:
+            total_ticks += int(fields[11]) + int(fields[12])
+    return total_ticks / ticks_per_second
+
+
+def cpu_busy_seconds() -> dict[str, float]:
+    """Return busy (non-idle, non-iowait) seconds per CPU from /proc/stat.
+
+    Steal time counts as busy, since the guest could not run then either.
+    """
+    ticks_per_second = os.sysconf("SC_CLK_TCK")
+    busy = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if not name.startswith("cpu") or name == "cpu":
+            continue
+        ticks = [int(value) for value in values]
+        idle = ticks[3] + ticks[4]
+        busy[name[3:]] = (sum(ticks[:8]) - idle) / ticks_per_second
+    return busy
+
+
 def run_wrk(
     port: int,
     urls_file: Path,
@@ -169,8 +206,14 @@ def run_wrk(
     connections: int,
     threads: int,
     client_cpu: str,
+    server_groups: tuple[int, ...] | list[int] = (),
 ) -> tuple[dict, str]:
-    """Run one bounded wrk load on 127.0.0.1:port; return parsed and raw output."""
+    """Run one bounded wrk load on 127.0.0.1:port; return parsed and raw output.
+
+    The parsed figures include the CPU use of wrk, of the server process
+    groups given and of each CPU as a whole, in percent of one core over the
+    run. A CPU busier than the server and wrk together ran other work too.
+    """
     command = [
         "taskset", "-c", client_cpu,
         "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s:g}s",
@@ -178,8 +221,26 @@ def run_wrk(
     ]
     environment = dict(os.environ, BENCH_URLS=str(urls_file))
     log.debug("run %s", " ".join(command))
+    server_before = sum(process_group_cpu_seconds(group) for group in server_groups)
+    client_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy_before = cpu_busy_seconds()
+    started = time.monotonic()
     completed = subprocess.run(
         command, env=environment, capture_output=True, text=True,
         timeout=duration_s + 60, check=True,
     )
-    return parse_wrk(completed.stdout), completed.stdout
+    elapsed = time.monotonic() - started
+    busy_after = cpu_busy_seconds()
+    client_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_after = sum(process_group_cpu_seconds(group) for group in server_groups)
+    parsed = parse_wrk(completed.stdout)
+    client_seconds = (client_after.ru_utime + client_after.ru_stime
+                      - client_before.ru_utime - client_before.ru_stime)
+    parsed["client_cpu_percent"] = 100.0 * client_seconds / elapsed
+    if server_groups:
+        parsed["server_cpu_percent"] = 100.0 * (server_after - server_before) / elapsed
+    parsed["cpu_busy_percent"] = {
+        cpu: 100.0 * (busy_after[cpu] - busy_before.get(cpu, 0.0)) / elapsed
+        for cpu in busy_after
+    }
+    return parsed, completed.stdout

@@ -55,17 +55,38 @@ def describe_machine() -> dict:
 def summarize(rounds: list[dict]) -> dict:
     """Take the median of each figure over the rounds of one peer."""
     summary = {}
-    for field in ("requests_per_second", "p50_ms", "p99_ms"):
+    for field in ("requests_per_second", "p50_ms", "p99_ms", "server_cpu_percent",
+                  "client_cpu_percent"):
         values = [round_[field] for round_ in rounds if field in round_]
         summary[field] = statistics.median(values) if values else None
     summary["errors"] = sum(r["non_2xx"] + r["socket_errors"] for r in rounds)
     return summary
 
 
-def ratio(value: float | None, reference: float | None) -> float | None:
-    if not value or not reference:
-        return None
-    return value / reference
+def median_ratio(rounds: list[dict], reference_rounds: list[dict]) -> float | None:
+    """Return the median over rounds of req/s divided by the reference's req/s.
+
+    The peers take turns within a round, so pairing them round by round
+    cancels most of the drift in background load on a shared machine.
+    """
+    ratios = [
+        mine["requests_per_second"] / theirs["requests_per_second"]
+        for mine, theirs in zip(rounds, reference_rounds, strict=False)
+        if theirs["requests_per_second"] > 0
+    ]
+    return statistics.median(ratios) if ratios else None
+
+
+def add_ratios(summaries: dict[str, dict], peer_results: dict[str, dict]) -> None:
+    """Store each peer's ratios to nginx and to IIPImage + memcached."""
+    for reference, field in (("nginx static", "ratio_to_nginx"),
+                             ("IIPImage + memcached", "ratio_to_iip_memcached")):
+        for name, summary in summaries.items():
+            if reference in peer_results:
+                summary[field] = median_ratio(peer_results[name]["rounds"],
+                                              peer_results[reference]["rounds"])
+            else:
+                summary[field] = None
 
 
 def evaluate_targets(summaries: dict[str, dict], connections: int) -> list[dict]:
@@ -75,15 +96,14 @@ def evaluate_targets(summaries: dict[str, dict], connections: int) -> list[dict]
     iip = summaries.get("IIPImage + memcached")
     if tiled is None:
         return []
-    tiled_rps = tiled["requests_per_second"]
     targets = []
     if iip is not None:
-        value = ratio(tiled_rps, iip["requests_per_second"])
+        value = tiled["ratio_to_iip_memcached"]
         targets.append({"target": "tiled >= 3x IIPImage + memcached (req/s)",
                         "value": f"{value:.2f}x" if value else "n/a",
                         "passed": bool(value and value >= 3.0)})
     if nginx is not None:
-        value = ratio(tiled_rps, nginx["requests_per_second"])
+        value = tiled["ratio_to_nginx"]
         targets.append({"target": "tiled >= 0.3x nginx static (req/s)",
                         "value": f"{value:.2f}x" if value else "n/a",
                         "passed": bool(value and value >= 0.3)})
@@ -105,8 +125,6 @@ def format_number(value: float | None, digits: int = 0) -> str:
 
 def render_section(result: dict) -> str:
     summaries = result["summaries"]
-    nginx = summaries.get("nginx static", {}).get("requests_per_second")
-    iip = summaries.get("IIPImage + memcached", {}).get("requests_per_second")
     settings = result["settings"]
     machine = result["machine"]
     lines = [
@@ -126,27 +144,29 @@ def render_section(result: dict) -> str:
         f"{settings['levels']} highest DeepZoom levels of a "
         f"{result['slide']['width']}x{result['slide']['height']} slide "
         f"({result['slide']['source']}), median of {settings['rounds']} rounds "
-        "after one warm-up pass.",
+        "after one warm-up pass. The ratios are medians of the per-round ratios. "
+        "CPU is the server's (all its processes) and wrk's use in percent of one "
+        "core.",
         "",
         "| peer | req/s | ratio to nginx | ratio to IIPImage + memcached "
-        "| p50 ms | p99 ms | errors | mean tile bytes |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| p50 ms | p99 ms | server CPU % | wrk CPU % | errors | mean tile bytes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, summary in summaries.items():
-        rps = summary["requests_per_second"]
-        nginx_ratio = ratio(rps, nginx)
-        iip_ratio = ratio(rps, iip)
         lines.append(
-            f"| {name} | {format_number(rps)} "
-            f"| {format_number(nginx_ratio, 2)} | {format_number(iip_ratio, 2)} "
+            f"| {name} | {format_number(summary['requests_per_second'])} "
+            f"| {format_number(summary['ratio_to_nginx'], 2)} "
+            f"| {format_number(summary['ratio_to_iip_memcached'], 2)} "
             f"| {format_number(summary['p50_ms'], 2)} "
             f"| {format_number(summary['p99_ms'], 2)} "
+            f"| {format_number(summary['server_cpu_percent'])} "
+            f"| {format_number(summary['client_cpu_percent'])} "
             f"| {summary['errors']} "
             f"| {format_number(result['peers'][name]['mean_tile_bytes'])} |"
         )
     for name in result.get("skipped", {}):
         lines.append(f"| {name} | not run: {result['skipped'][name]} "
-                     "| | | | | | |")
+                     "| | | | | | | | |")
     targets = result.get("targets", [])
     if targets:
         lines += ["", "| target | measured | result |", "|---|---:|---|"]

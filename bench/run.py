@@ -244,13 +244,17 @@ def measure(args: argparse.Namespace) -> dict:
                     process.check_alive()
                 parsed, raw = load.run_wrk(peer.port, urls_files[peer.name],
                                            args.duration, args.connections,
-                                           args.threads, args.client_cpu)
+                                           args.threads, args.client_cpu,
+                                           peer.server_pids())
                 (run_dir / f"{peer.key}.wrk{round_index}.txt").write_text(raw)
                 peer_results[peer.name]["rounds"].append(parsed)
-                log.info("round %d %-32s %9.0f req/s  p50 %6.2f ms  p99 %6.2f ms",
+                log.info("round %d %-32s %9.0f req/s  p50 %6.2f ms  p99 %6.2f ms  "
+                         "CPU server %3.0f%% wrk %3.0f%%",
                          round_index + 1, peer.name, parsed["requests_per_second"],
                          parsed.get("p50_ms", float("nan")),
-                         parsed.get("p99_ms", float("nan")))
+                         parsed.get("p99_ms", float("nan")),
+                         parsed.get("server_cpu_percent", float("nan")),
+                         parsed["client_cpu_percent"])
                 time.sleep(1.0)
 
         if args.profile:
@@ -266,6 +270,7 @@ def measure(args: argparse.Namespace) -> dict:
                  for name, result in peer_results.items()}
     for name, result in peer_results.items():
         summaries[name]["errors"] += result["warmup_problem_count"]
+    report.add_ratios(summaries, peer_results)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     return {
         "started": started.strftime("%Y-%m-%d %H:%M UTC"),
