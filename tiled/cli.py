@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -65,8 +66,10 @@ def _serve(settings: Settings) -> int:
         sock.listen(1024)
         sock.set_inheritable(True)
     except OSError as error:
-        return _fail(f"cannot listen on {host}:{port}: {error.strerror}; "
-                     "choose another --port or stop the process using it")
+        return _fail(
+            f"cannot listen on {host}:{port}: {error.strerror}; "
+            "choose another --port or stop the process using it"
+        )
     workers = settings.server.workers
     if workers == 1:
         return _run_worker(settings, sock)
@@ -90,10 +93,8 @@ def _serve(settings: Settings) -> int:
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signum)
-            except ProcessLookupError:
-                pass
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
@@ -122,8 +123,11 @@ def _run_worker(settings: Settings, sock: socket.socket) -> int:
 
     async def main() -> None:
         app = create_app(settings)
-        runner = web.AppRunner(app, access_log=log if settings.server.access_log
-                               else None, handle_signals=True)
+        runner = web.AppRunner(
+            app,
+            access_log=log if settings.server.access_log else None,
+            handle_signals=True,
+        )
         await runner.setup()
         site = web.SockSite(runner, sock)
         await site.start()
@@ -170,18 +174,30 @@ def command_ingest(args: argparse.Namespace) -> int:
             paths.append((path, roots))
         else:
             return _fail(f"{path}: no such file or folder")
-    store = Store(settings.store.path or default_store_path(),
-                  settings.store.map_size_bytes, settings.store.max_map_size_bytes)
+    store = Store(
+        settings.store.path or default_store_path(),
+        settings.store.map_size_bytes,
+        settings.store.max_map_size_bytes,
+    )
     failures = 0
     for path, slide_roots in paths:
         entry = entry_for(path, slide_roots)
         try:
             readers = ReaderCache(1)
-            total = count_tiles(SlidePyramid(entry, readers.get(entry), store,
-                                             settings, readers, ingest=True))
+            total = count_tiles(
+                SlidePyramid(
+                    entry, readers.get(entry), store, settings, readers, ingest=True
+                )
+            )
             readers.close()
-            with tqdm(total=total, unit="tile", desc=entry.name, leave=True,
-                      disable=args.quiet, file=sys.stderr) as bar:
+            with tqdm(
+                total=total,
+                unit="tile",
+                desc=entry.name,
+                leave=True,
+                disable=args.quiet,
+                file=sys.stderr,
+            ) as bar:
                 result = ingest_slide(entry, store, settings, bar.update)
         except TiledError as error:
             failures += 1
@@ -214,14 +230,21 @@ def command_info(args: argparse.Namespace) -> int:
             "bits_per_sample": reader.bits,
             "stored_codec": reader.passthrough_codec or "lossless",
             "levels": [
-                {"width": level.width, "height": level.height,
-                 "tile_width": level.tile_width, "tile_height": level.tile_height,
-                 "downsample": round(level.downsample, 4)}
+                {
+                    "width": level.width,
+                    "height": level.height,
+                    "tile_width": level.tile_width,
+                    "tile_height": level.tile_height,
+                    "downsample": round(level.downsample, 4),
+                }
                 for level in reader.levels
             ],
             "associated_images": {
-                name: {"width": size[0], "height": size[1],
-                       "served": name == "thumbnail"}
+                name: {
+                    "width": size[0],
+                    "height": size[1],
+                    "served": name == "thumbnail",
+                }
                 for name, size in reader.associated_images.items()
             },
             "properties": dict(reader.properties),
@@ -234,13 +257,17 @@ def command_info(args: argparse.Namespace) -> int:
     print(f"dimensions  {info['dimensions'][0]} x {info['dimensions'][1]}")
     mpp = info["mpp"]
     print(f"mpp         {f'{mpp[0]:.4f} x {mpp[1]:.4f}' if mpp else 'not stated'}")
-    print(f"pixels      {reader.samples} samples x {reader.bits} bits, "
-          f"stored {info['stored_codec']}")
+    print(
+        f"pixels      {reader.samples} samples x {reader.bits} bits, "
+        f"stored {info['stored_codec']}"
+    )
     print("levels")
     for index, level in enumerate(info["levels"]):
-        print(f"  {index}  {level['width']} x {level['height']}  tiles "
-              f"{level['tile_width']}x{level['tile_height']}  "
-              f"downsample {level['downsample']}")
+        print(
+            f"  {index}  {level['width']} x {level['height']}  tiles "
+            f"{level['tile_width']}x{level['tile_height']}  "
+            f"downsample {level['downsample']}"
+        )
     for name, image in info["associated_images"].items():
         state = "served" if image["served"] else "withheld (may show patient data)"
         print(f"{name:<11} {image['width']} x {image['height']}, {state}")
@@ -263,15 +290,20 @@ def command_demo(args: argparse.Namespace) -> int:
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         width, height = DEMO_SIZE
-        print(f"tiled: making a {width}x{height} synthetic demo slide at {path}",
-              file=sys.stderr)
+        print(
+            f"tiled: making a {width}x{height} synthetic demo slide at {path}",
+            file=sys.stderr,
+        )
         partial = path + ".part"
         write_slide(partial, width, height, aperio=True)
         os.replace(partial, path)
     args.slide_dirs = [os.path.dirname(path)]
     settings = _settings(args)
-    print(f"tiled: open http://{settings.server.host}:{settings.server.port}/ "
-          "in a browser", file=sys.stderr)
+    print(
+        f"tiled: open http://{settings.server.host}:{settings.server.port}/ "
+        "in a browser",
+        file=sys.stderr,
+    )
     return _serve(settings)
 
 
@@ -280,41 +312,69 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tiled", description="Whole-slide image tile cache and server."
     )
     parser.add_argument("--version", action="version", version=f"tiled {__version__}")
-    parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="logging threshold (default INFO)")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging threshold (default INFO)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--config", metavar="FILE",
-                         help="YAML configuration file (default: $TILED_CONFIG)")
-        sub.add_argument("--store", metavar="DIR",
-                         help="LMDB store folder (default ~/.cache/tiled/store)")
-        sub.add_argument("--tile-size", type=int, metavar="PX",
-                         help="DeepZoom tile edge in pixels; 0 means native")
-        sub.add_argument("--overlap", type=int, metavar="PX",
-                         help="DeepZoom tile overlap in pixels")
-        sub.add_argument("--quality", type=int, metavar="Q",
-                         help="JPEG quality of tiles tiled encodes (1-100)")
+        sub.add_argument(
+            "--config",
+            metavar="FILE",
+            help="YAML configuration file (default: $TILED_CONFIG)",
+        )
+        sub.add_argument(
+            "--store",
+            metavar="DIR",
+            help="LMDB store folder (default ~/.cache/tiled/store)",
+        )
+        sub.add_argument(
+            "--tile-size",
+            type=int,
+            metavar="PX",
+            help="DeepZoom tile edge in pixels; 0 means native",
+        )
+        sub.add_argument(
+            "--overlap", type=int, metavar="PX", help="DeepZoom tile overlap in pixels"
+        )
+        sub.add_argument(
+            "--quality",
+            type=int,
+            metavar="Q",
+            help="JPEG quality of tiles tiled encodes (1-100)",
+        )
 
     def server_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--host", help="address to listen on (default 127.0.0.1)")
         sub.add_argument("--port", type=int, help="TCP port (default 8000)")
-        sub.add_argument("--workers", type=int,
-                         help="worker processes sharing the port (default 1)")
+        sub.add_argument(
+            "--workers", type=int, help="worker processes sharing the port (default 1)"
+        )
 
     serve = commands.add_parser("serve", help="serve slides over HTTP")
-    serve.add_argument("slide_dirs", nargs="*", metavar="SLIDE_DIR",
-                       help="folders of slides (added to slides.roots)")
+    serve.add_argument(
+        "slide_dirs",
+        nargs="*",
+        metavar="SLIDE_DIR",
+        help="folders of slides (added to slides.roots)",
+    )
     common(serve)
     server_options(serve)
     serve.set_defaults(handler=command_serve)
 
     ingest = commands.add_parser("ingest", help="fill the store with whole pyramids")
-    ingest.add_argument("slides", nargs="+", metavar="SLIDE",
-                        help="slide files or folders of slides")
-    ingest.add_argument("--root", action="append", metavar="DIR",
-                        help="slide root the daemon serves, so ids match")
+    ingest.add_argument(
+        "slides", nargs="+", metavar="SLIDE", help="slide files or folders of slides"
+    )
+    ingest.add_argument(
+        "--root",
+        action="append",
+        metavar="DIR",
+        help="slide root the daemon serves, so ids match",
+    )
     ingest.add_argument("--quiet", action="store_true", help="no progress bar")
     common(ingest)
     ingest.set_defaults(handler=command_ingest)

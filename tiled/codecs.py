@@ -20,9 +20,7 @@ HEADER = struct.Struct(">BHHBB")
 
 # Adobe APP14 segment with transform 0: the three components are RGB, not
 # YCbCr. libjpeg and every browser decoder honour it.
-ADOBE_APP14_RGB = (
-    b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
-)
+ADOBE_APP14_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 
 SOI = b"\xff\xd8"
 EOI = b"\xff\xd9"
@@ -56,13 +54,17 @@ class Tile:
 
     def pack(self) -> bytes:
         """Return the store value: header and payload."""
-        header = HEADER.pack(self.codec, self.width, self.height, self.samples, self.bits)
+        header = HEADER.pack(
+            self.codec, self.width, self.height, self.samples, self.bits
+        )
         return header + self.data
 
     @classmethod
     def unpack(cls, value: bytes | memoryview) -> Tile:
         codec, width, height, samples, bits = HEADER.unpack_from(value)
-        return cls(Codec(codec), width, height, bytes(value[HEADER.size :]), samples, bits)
+        return cls(
+            Codec(codec), width, height, bytes(value[HEADER.size :]), samples, bits
+        )
 
 
 def jpeg_with_tables(tile: bytes, tables: bytes | None, rgb: bool) -> bytes:
@@ -176,7 +178,9 @@ def unpack_raw(tile: Tile) -> np.ndarray:
     """Return the pixels of a ZSTD tile as (height, width, samples)."""
     raw = zstandard.ZstdDecompressor().decompress(tile.data)
     dtype = np.dtype(">u2") if tile.bits == 16 else np.dtype(np.uint8)
-    pixels = np.frombuffer(raw, dtype=dtype).reshape(tile.height, tile.width, tile.samples)
+    pixels = np.frombuffer(raw, dtype=dtype).reshape(
+        tile.height, tile.width, tile.samples
+    )
     if tile.bits == 16:
         pixels = pixels.astype(np.uint16)
     return pixels

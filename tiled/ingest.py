@@ -46,8 +46,12 @@ def count_tiles(pyramid: SlidePyramid) -> int:
     return sum(cols * rows for cols, rows in pyramid.geometry.level_tiles)
 
 
-def ingest_slide(entry: SlideEntry, store: Store, settings: Settings,
-                 progress: Progress | None = None) -> dict[str, int]:
+def ingest_slide(
+    entry: SlideEntry,
+    store: Store,
+    settings: Settings,
+    progress: Progress | None = None,
+) -> dict[str, int]:
     """Store every DeepZoom tile of one slide; return counts of made and kept tiles."""
     readers = ReaderCache(1)
     try:
@@ -71,8 +75,9 @@ def ingest_slide(entry: SlideEntry, store: Store, settings: Settings,
             cols, rows = geometry.level_tiles[z]
             for t_row in range(rows):
                 for t_col in range(cols):
-                    if store.has_tile(entry.id, pyramid.generation, pyramid.variant,
-                                      z, t_col, t_row):
+                    if store.has_tile(
+                        entry.id, pyramid.generation, pyramid.variant, z, t_col, t_row
+                    ):
                         skipped += 1
                     else:
                         tiles = pyramid.make_many(z, t_col, t_row)

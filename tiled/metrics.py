@@ -254,8 +254,8 @@ def setup_multiprocess(directory: str | os.PathLike[str]) -> None:
     values.ValueClass = values.MultiProcessValue()
     for metric in ALL_METRICS:
         if not metric._labelnames:
-            # NOTE: _metric_init() is private in prometheus_client (stable up to
-            # 0.26); it gives an unlabelled metric a value of the new class.
+            # NOTE: _metric_init() is private in prometheus_client, checked up to
+            # 0.26. It gives an unlabelled metric a value of the new class.
             metric._metric_init()
     _initialize_series()
     log.info("multiprocess metrics enabled in %s", path)

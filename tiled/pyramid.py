@@ -68,7 +68,10 @@ class DeepZoomGeometry:
         for z_width, z_height in self.level_dimensions:
             match = None
             for index, level in enumerate(l_levels):
-                if abs(level.width - z_width) <= 1 and abs(level.height - z_height) <= 1:
+                if (
+                    abs(level.width - z_width) <= 1
+                    and abs(level.height - z_height) <= 1
+                ):
                     match = index
                     break
             self.source_level.append(match)
@@ -94,8 +97,9 @@ class DeepZoomGeometry:
         z_y1 = min(z_height, (t_row + 1) * size + overlap)
         return TileBox(z_x0, z_y0, z_x1, z_y1)
 
-    def tiles_covering(self, z: int, z_x0: int, z_y0: int, z_x1: int,
-                       z_y1: int) -> list[tuple[int, int]]:
+    def tiles_covering(
+        self, z: int, z_x0: int, z_y0: int, z_x1: int, z_y1: int
+    ) -> list[tuple[int, int]]:
         """Return (col, row) of the tiles whose core area meets a rectangle."""
         cols, rows = self.level_tiles[z]
         size = self.tile_size
@@ -120,9 +124,7 @@ def downsample_2x(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
         )
     pixels = pixels[:need_h, :need_w]
     work = pixels.astype(np.uint32)
-    summed = (
-        work[0::2, 0::2] + work[1::2, 0::2] + work[0::2, 1::2] + work[1::2, 1::2]
-    )
+    summed = work[0::2, 0::2] + work[1::2, 0::2] + work[0::2, 1::2] + work[1::2, 1::2]
     return ((summed + 2) // 4).astype(pixels.dtype)
 
 
@@ -136,8 +138,13 @@ class TileMaker:
     cache, so a level the source lacks is built once from the level below.
     """
 
-    def __init__(self, reader: SlideReader, geometry: DeepZoomGeometry,
-                 jpeg_quality: int, fetch: TileFetcher) -> None:
+    def __init__(
+        self,
+        reader: SlideReader,
+        geometry: DeepZoomGeometry,
+        jpeg_quality: int,
+        fetch: TileFetcher,
+    ) -> None:
         self.reader = reader
         self.geometry = geometry
         self.jpeg_quality = jpeg_quality
@@ -166,8 +173,9 @@ class TileMaker:
         data = encode_jpeg(rgb, self.jpeg_quality)
         return Tile(Codec.JPEG, width, height, data, 3, 8)
 
-    def _passthrough(self, source: int, z: int, t_col: int, t_row: int,
-                     box: TileBox) -> Tile | None:
+    def _passthrough(
+        self, source: int, z: int, t_col: int, t_row: int, box: TileBox
+    ) -> Tile | None:
         level = self.reader.levels[source]
         geometry = self.geometry
         size = geometry.tile_size
@@ -193,8 +201,9 @@ class TileMaker:
 
     def _read_source(self, source: int, z: int, box: TileBox) -> np.ndarray:
         level = self.reader.levels[source]
-        pixels = self.reader.read_region(source, box.z_x0, box.z_y0, box.width,
-                                         box.height)
+        pixels = self.reader.read_region(
+            source, box.z_x0, box.z_y0, box.width, box.height
+        )
         # A source level one pixel smaller than the DeepZoom level leaves its
         # last row or column to the background; repeat the edge instead.
         missing_x = box.z_x1 - level.width
@@ -217,8 +226,9 @@ class TileMaker:
         region = self.read_level_region(finer, f_x0, f_y0, f_x1, f_y1)
         return downsample_2x(region, box.width, box.height)
 
-    def read_level_region(self, z: int, z_x0: int, z_y0: int, z_x1: int,
-                          z_y1: int) -> np.ndarray:
+    def read_level_region(
+        self, z: int, z_x0: int, z_y0: int, z_x1: int, z_y1: int
+    ) -> np.ndarray:
         """Assemble a rectangle of DeepZoom level ``z`` from its tiles."""
         dtype = np.uint16 if self.reader.bits == 16 else np.uint8
         out = None
@@ -227,8 +237,11 @@ class TileMaker:
             pixels = decode_tile(self.fetch(z, t_col, t_row))
             if out is None:
                 samples = pixels.shape[2]
-                out = np.full((z_y1 - z_y0, z_x1 - z_x0, samples),
-                              np.iinfo(dtype).max, dtype=pixels.dtype)
+                out = np.full(
+                    (z_y1 - z_y0, z_x1 - z_x0, samples),
+                    np.iinfo(dtype).max,
+                    dtype=pixels.dtype,
+                )
             pixels = pixels[: tile_box.height, : tile_box.width]
             if pixels.shape[2] != out.shape[2]:
                 pixels = to_rgb8(pixels)
@@ -239,6 +252,9 @@ class TileMaker:
                 left - tile_box.z_x0 : right - tile_box.z_x0,
             ]
         if out is None:
-            out = np.full((z_y1 - z_y0, z_x1 - z_x0, self.reader.samples),
-                          np.iinfo(dtype).max, dtype=dtype)
+            out = np.full(
+                (z_y1 - z_y0, z_x1 - z_x0, self.reader.samples),
+                np.iinfo(dtype).max,
+                dtype=dtype,
+            )
         return out

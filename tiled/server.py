@@ -41,8 +41,9 @@ MEDIA_TYPES = {"jpeg": "image/jpeg", "jpg": "image/jpeg", "png": "image/png"}
 TILE_PATH = re.compile(r"^(\d{1,2})/(\d{1,7})_(\d{1,7})\.(jpeg|jpg|png)$")
 
 
-def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None
-                  ) -> web.Response:
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
     return web.Response(
         body=json.dumps(data, separators=(",", ":")).encode(),
         status=status,
@@ -111,8 +112,9 @@ class TileService:
             pyramid = await self.run(self.catalog.open, entry)
         return pyramid
 
-    async def tile(self, pyramid: SlidePyramid, z: int, t_col: int, t_row: int
-                   ) -> tuple[Tile, str]:
+    async def tile(
+        self, pyramid: SlidePyramid, z: int, t_col: int, t_row: int
+    ) -> tuple[Tile, str]:
         """Return a tile and its cache outcome: hit, or generated."""
         tile = pyramid.cached(z, t_col, t_row)
         if tile is not None:
@@ -141,8 +143,9 @@ class TileService:
         if extension == "png":
             if tile.codec == Codec.PNG:
                 return tile.data
-            return encode_png(to_rgb8(decode_tile(tile)) if tile.bits != 8
-                              else decode_tile(tile))
+            return encode_png(
+                to_rgb8(decode_tile(tile)) if tile.bits != 8 else decode_tile(tile)
+            )
         if tile.codec == Codec.JPEG:
             return tile.data
         pixels = decode_tile(tile)
@@ -171,9 +174,10 @@ def route_of(path: str) -> str:
 
 
 @web.middleware
-async def observe(request: web.Request,
-                  handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                  ) -> web.StreamResponse:
+async def observe(
+    request: web.Request,
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> web.StreamResponse:
     """Count, time and turn errors into JSON; add CORS headers."""
     started = time.perf_counter()
     route = route_of(request.path)
@@ -203,8 +207,9 @@ async def observe(request: web.Request,
                 raise
             except Exception:
                 log.exception("unhandled error on %s %s", request.method, route)
-                response = error_response(500, "internal_error",
-                                          "internal server error")
+                response = error_response(
+                    500, "internal_error", "internal server error"
+                )
         origins = request.app[SETTINGS].server.cors_origins
         if origins:
             origin = request.headers.get("Origin")
@@ -243,9 +248,12 @@ def not_modified(request: web.Request, etag: str) -> bool:
     return etag in candidates
 
 
-def _slide_summary(entry: SlideEntry, pyramid: SlidePyramid | None,
-                   settings: Settings, error: TiledError | None = None
-                   ) -> dict[str, Any]:
+def _slide_summary(
+    entry: SlideEntry,
+    pyramid: SlidePyramid | None,
+    settings: Settings,
+    error: TiledError | None = None,
+) -> dict[str, Any]:
     name = entry.name if settings.slides.show_file_names else entry.id
     summary: dict[str, Any] = {"id": entry.id, "name": name}
     if pyramid is None:
@@ -349,8 +357,9 @@ async def get_tile(request: web.Request) -> web.Response:
             f"no tile {t_col},{t_row} at DeepZoom level {z} of slide {slide_id}"
         )
     settings = app[SETTINGS]
-    etag = etag_for(entry.id, pyramid.generation, pyramid.variant, z, t_col, t_row,
-                    extension)
+    etag = etag_for(
+        entry.id, pyramid.generation, pyramid.variant, z, t_col, t_row, extension
+    )
     headers = {
         "ETag": etag,
         "Cache-Control": f"public, max-age={settings.server.tile_max_age_seconds}",
@@ -367,15 +376,17 @@ async def get_tile(request: web.Request) -> web.Response:
         cache_key = pyramid.key(z, t_col, t_row) + b"." + extension.encode()
         body = service.encoded.get(cache_key)
         if body is None:
-            body = await service.run(service.encode, tile, extension,
-                                     pyramid.jpeg_quality)
+            body = await service.run(
+                service.encode, tile, extension, pyramid.jpeg_quality
+            )
             service.encoded.put(cache_key, body)
     metrics.TILES_SERVED.labels(
-        "deepzoom", outcome, tile.codec.label,
+        "deepzoom",
+        outcome,
+        tile.codec.label,
         metrics.level_bucket(geometry.levels_below_full(z)),
     ).inc()
-    return web.Response(body=body, content_type=MEDIA_TYPES[extension],
-                        headers=headers)
+    return web.Response(body=body, content_type=MEDIA_TYPES[extension], headers=headers)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -399,8 +410,10 @@ def _static_path() -> str:
 
 
 async def index(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(os.path.join(_static_path(), "index.html"),
-                            headers={"Cache-Control": "no-cache"})
+    return web.FileResponse(
+        os.path.join(_static_path(), "index.html"),
+        headers={"Cache-Control": "no-cache"},
+    )
 
 
 async def _lag_monitor() -> None:
@@ -427,8 +440,9 @@ async def _housekeeping(app: web.Application) -> None:
 def create_app(settings: Settings) -> web.Application:
     """Build the application; the store opens and the roots are scanned here."""
     store_path = settings.store.path or default_store_path()
-    store = Store(store_path, settings.store.map_size_bytes,
-                  settings.store.max_map_size_bytes)
+    store = Store(
+        store_path, settings.store.map_size_bytes, settings.store.max_map_size_bytes
+    )
     writer = StoreWriter(store)
     catalog = Catalog(settings, store, writer)
     catalog.scan()
@@ -445,8 +459,10 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_static("/static/", _static_path(), append_version=False)
 
     async def background(app: web.Application):
-        tasks = [asyncio.create_task(_lag_monitor()),
-                 asyncio.create_task(_housekeeping(app))]
+        tasks = [
+            asyncio.create_task(_lag_monitor()),
+            asyncio.create_task(_housekeeping(app)),
+        ]
         yield
         for task in tasks:
             task.cancel()
@@ -456,8 +472,10 @@ def create_app(settings: Settings) -> web.Application:
         store.close()
 
     app.cleanup_ctx.append(background)
-    log.info("serving %d slides from %d roots; store at %s",
-             len(catalog._entries), len(catalog.roots), store_path)
+    log.info(
+        "serving %d slides from %d roots; store at %s",
+        len(catalog._entries),
+        len(catalog.roots),
+        store_path,
+    )
     return app
-
-

@@ -113,9 +113,16 @@ def variant_name(tile_size: int, overlap: int, quality: int) -> str:
 class SlidePyramid:
     """The DeepZoom pyramid of one slide in the store, made on demand."""
 
-    def __init__(self, entry: SlideEntry, reader: SlideReader, store: Store,
-                 settings: Settings, readers: ReaderCache,
-                 writer: StoreWriter | None = None, ingest: bool = False) -> None:
+    def __init__(
+        self,
+        entry: SlideEntry,
+        reader: SlideReader,
+        store: Store,
+        settings: Settings,
+        readers: ReaderCache,
+        writer: StoreWriter | None = None,
+        ingest: bool = False,
+    ) -> None:
         self.entry = entry
         self.store = store
         self.readers = readers
@@ -144,8 +151,9 @@ class SlidePyramid:
         return tile_key(self.entry.id, self.generation, self.variant, z, t_col, t_row)
 
     def cached(self, z: int, t_col: int, t_row: int) -> Tile | None:
-        tile = self.store.get_tile(self.entry.id, self.generation, self.variant,
-                                   z, t_col, t_row)
+        tile = self.store.get_tile(
+            self.entry.id, self.generation, self.variant, z, t_col, t_row
+        )
         if tile is None and self.writer is not None:
             tile = self.writer.pending(self.key(z, t_col, t_row))
         return tile
@@ -160,8 +168,9 @@ class SlidePyramid:
             self.store.put_tiles(items)
         return made[(z, t_col, t_row)]
 
-    def make_many(self, z: int, t_col: int, t_row: int
-                  ) -> dict[tuple[int, int, int], Tile]:
+    def make_many(
+        self, z: int, t_col: int, t_row: int
+    ) -> dict[tuple[int, int, int], Tile]:
         """Make a tile and any finer tiles it needed; return all by address."""
         made: dict[tuple[int, int, int], Tile] = {}
         reader = self.readers.get(self.entry)
@@ -221,8 +230,9 @@ def slide_record(entry: SlideEntry, reader: SlideReader) -> dict[str, Any]:
 class Catalog:
     """Slides under the configured roots, by id."""
 
-    def __init__(self, settings: Settings, store: Store,
-                 writer: StoreWriter | None = None) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, writer: StoreWriter | None = None
+    ) -> None:
         self.settings = settings
         self.store = store
         self.writer = writer
@@ -239,8 +249,9 @@ class Catalog:
             for relative_path in _walk_slides(root):
                 slide_id = slide_id_for(relative_path)
                 if slide_id in found:
-                    log.warning("slide id %s found under two roots; keeping the first",
-                                slide_id)
+                    log.warning(
+                        "slide id %s found under two roots; keeping the first", slide_id
+                    )
                     continue
                 entry = self._entries.get(slide_id)
                 if entry is None or entry.path != os.path.join(root, relative_path):
@@ -275,7 +286,10 @@ class Catalog:
 
     def get(self, slide_id: str) -> SlideEntry:
         entry = self._entries.get(slide_id)
-        if entry is None and time.monotonic() - self._last_scan > RESCAN_INTERVAL_SECONDS:
+        if (
+            entry is None
+            and time.monotonic() - self._last_scan > RESCAN_INTERVAL_SECONDS
+        ):
             self.scan()
             entry = self._entries.get(slide_id)
         if entry is None:
@@ -299,8 +313,9 @@ class Catalog:
             try:
                 identity = SourceIdentity.of(entry.path)
                 reader = self.readers.get(entry)
-                pyramid = SlidePyramid(entry, reader, self.store, self.settings,
-                                       self.readers, self.writer)
+                pyramid = SlidePyramid(
+                    entry, reader, self.store, self.settings, self.readers, self.writer
+                )
             except TiledError as error:
                 log.warning("slide %s cannot be opened: %s", entry.id, error)
                 entry.error = error

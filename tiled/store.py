@@ -43,8 +43,9 @@ _TILES = b"tiles"
 _INGEST = b"ingest"
 
 
-def tile_key(slide_id: str, generation: int, variant: str, level: int, col: int,
-             row: int) -> bytes:
+def tile_key(
+    slide_id: str, generation: int, variant: str, level: int, col: int, row: int
+) -> bytes:
     return f"{slide_id}/{generation:x}/{variant}/{level}/{col}_{row}".encode()
 
 
@@ -113,8 +114,15 @@ class Store:
                     self.env.set_mapsize(0)
         raise StoreError("the tile store map keeps changing size")
 
-    def get_tile(self, slide_id: str, generation: int, variant: str, level: int,
-                 col: int, row: int) -> Tile | None:
+    def get_tile(
+        self,
+        slide_id: str,
+        generation: int,
+        variant: str,
+        level: int,
+        col: int,
+        row: int,
+    ) -> Tile | None:
         value = self._read(
             self._tiles, tile_key(slide_id, generation, variant, level, col, row)
         )
@@ -124,8 +132,15 @@ class Store:
         metrics.STORE_READS.labels("hit").inc()
         return Tile.unpack(value)
 
-    def has_tile(self, slide_id: str, generation: int, variant: str, level: int,
-                 col: int, row: int) -> bool:
+    def has_tile(
+        self,
+        slide_id: str,
+        generation: int,
+        variant: str,
+        level: int,
+        col: int,
+        row: int,
+    ) -> bool:
         key = tile_key(slide_id, generation, variant, level, col, row)
         return self._read(self._tiles, key) is not None
 
@@ -264,8 +279,9 @@ class Store:
 
         return self._write(work)
 
-    def finish_ingest(self, record: dict[str, Any], generation: int,
-                      variant: str) -> None:
+    def finish_ingest(
+        self, record: dict[str, Any], generation: int, variant: str
+    ) -> None:
         """Point the slide at the ingested generation and mark the variant complete."""
         slide_id = record["id"]
 
@@ -284,8 +300,9 @@ class Store:
         self._write(work)
         self.env.sync(True)
 
-    def _delete_generations(self, txn: lmdb.Transaction, slide_id: str,
-                            keep: set[int]) -> int:
+    def _delete_generations(
+        self, txn: lmdb.Transaction, slide_id: str, keep: set[int]
+    ) -> int:
         prefix = _slide_prefix(slide_id)
         keep_prefixes = tuple(prefix + f"{g:x}/".encode() for g in keep)
         cursor = txn.cursor(db=self._tiles)
@@ -322,8 +339,11 @@ class Store:
         info = self.env.info()
         stat = self.env.stat()
         used = (info["last_pgno"] + 1) * stat["psize"]
-        return {"map_size": info["map_size"], "used": used,
-                "max_map_size": self.max_map_size}
+        return {
+            "map_size": info["map_size"],
+            "used": used,
+            "max_map_size": self.max_map_size,
+        }
 
     def update_gauges(self) -> None:
         usage = self.usage()
@@ -350,16 +370,18 @@ class StoreWriter:
     them.
     """
 
-    def __init__(self, store: Store, max_batch: int = 256,
-                 max_delay_seconds: float = 0.05) -> None:
+    def __init__(
+        self, store: Store, max_batch: int = 256, max_delay_seconds: float = 0.05
+    ) -> None:
         self.store = store
         self.max_batch = max_batch
         self.max_delay = max_delay_seconds
         self._pending: dict[bytes, Tile] = {}
         self._condition = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="tiled-store-writer",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="tiled-store-writer", daemon=True
+        )
         self._thread.start()
 
     def pending(self, key: bytes) -> Tile | None:
@@ -386,8 +408,9 @@ class StoreWriter:
             try:
                 self.store.put_tiles(batch)
             except StoreError as error:
-                log.error("dropping %d tiles that could not be stored: %s",
-                          len(batch), error)
+                log.error(
+                    "dropping %d tiles that could not be stored: %s", len(batch), error
+                )
             with self._condition:
                 for key, tile in batch:
                     if self._pending.get(key) is tile:

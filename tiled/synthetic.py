@@ -59,8 +59,15 @@ def _smooth_noise(x: np.ndarray, y: np.ndarray, cell: float, seed: int) -> np.nd
     return top + (bottom - top) * fy
 
 
-def _field(x0: float, y0: float, width: int, height: int, downsample: float,
-           cell: float, seed: int) -> np.ndarray:
+def _field(
+    x0: float,
+    y0: float,
+    width: int,
+    height: int,
+    downsample: float,
+    cell: float,
+    seed: int,
+) -> np.ndarray:
     """Sample smooth noise on a coarse grid and enlarge it bilinearly."""
     step = 8
     coarse_w, coarse_h = width // step + 2, height // step + 2
@@ -71,12 +78,21 @@ def _field(x0: float, y0: float, width: int, height: int, downsample: float,
     image = Image.fromarray(coarse, mode="F").resize(
         (coarse_w * step, coarse_h * step), Image.Resampling.BILINEAR
     )
-    return np.asarray(image)[step // 2 : step // 2 + height, step // 2 : step // 2 + width]
+    return np.asarray(image)[
+        step // 2 : step // 2 + height, step // 2 : step // 2 + width
+    ]
 
 
-def tissue_pixels(l0_x: int, l0_y: int, width: int, height: int, downsample: float,
-                  seed: int = 7, slide_width: int = 0, slide_height: int = 0
-                  ) -> np.ndarray:
+def tissue_pixels(
+    l0_x: int,
+    l0_y: int,
+    width: int,
+    height: int,
+    downsample: float,
+    seed: int = 7,
+    slide_width: int = 0,
+    slide_height: int = 0,
+) -> np.ndarray:
     """Return an RGB uint8 (height, width, 3) patch of the synthetic texture.
 
     The patch starts at level-0 pixel (l0_x, l0_y) and samples every
@@ -100,20 +116,24 @@ def tissue_pixels(l0_x: int, l0_y: int, width: int, height: int, downsample: flo
     ys = y0 + np.arange(height, dtype=np.float32) * downsample
     cell_x = np.floor(xs / NUCLEUS_CELL).astype(np.int64)
     cell_y = np.floor(ys / NUCLEUS_CELL).astype(np.int64)
-    grid_x, grid_y = np.meshgrid(np.arange(cell_x[0], cell_x[-1] + 1),
-                                 np.arange(cell_y[0], cell_y[-1] + 1))
+    grid_x, grid_y = np.meshgrid(
+        np.arange(cell_x[0], cell_x[-1] + 1), np.arange(cell_y[0], cell_y[-1] + 1)
+    )
     centre_x = (grid_x + 0.25 + 0.5 * _hash(grid_x, grid_y, seed + 4)) * NUCLEUS_CELL
     centre_y = (grid_y + 0.25 + 0.5 * _hash(grid_x, grid_y, seed + 5)) * NUCLEUS_CELL
     chance = _hash(grid_x, grid_y, seed + 6)
     radius = 3.5 + 2.5 * _hash(grid_x, grid_y, seed + 8)
     index_y = (cell_y - cell_y[0])[:, None]
     index_x = (cell_x - cell_x[0])[None, :]
-    distance = np.hypot(xs[None, :] - centre_x[index_y, index_x],
-                        ys[:, None] - centre_y[index_y, index_x])
+    distance = np.hypot(
+        xs[None, :] - centre_x[index_y, index_x],
+        ys[:, None] - centre_y[index_y, index_x],
+    )
     present = chance[index_y, index_x] < (0.15 + 0.6 * density) * tissue
     # Soft edges keep downsampled levels from aliasing too harshly.
-    edge = np.clip(radius[index_y, index_x] - distance
-                   + 0.5 * max(1.0, downsample / 4), 0, 1)
+    edge = np.clip(
+        radius[index_y, index_x] - distance + 0.5 * max(1.0, downsample / 4), 0, 1
+    )
     colour = colour + (NUCLEUS - colour) * (edge * present)[..., None]
 
     grain = np.random.default_rng((seed, l0_x, l0_y, int(downsample))).random(
@@ -185,9 +205,18 @@ def write_slide(
                         "|Filename = DOE^JANE 1970-01-01|User = jdoe"
                         "|Title = Biopsy of Jane Doe|Date = 12/04/26|Time = 10:00:00"
                     )
-            tiles = _level_tiles(width, height, level_width, level_height, tile_size,
-                                 downsample, compression, quality,
-                                 sparse_every if index == 0 else 0, seed)
+            tiles = _level_tiles(
+                width,
+                height,
+                level_width,
+                level_height,
+                tile_size,
+                downsample,
+                compression,
+                quality,
+                sparse_every if index == 0 else 0,
+                seed,
+            )
             options: dict = {}
             if compression == "jpeg":
                 options = {"compression": "jpeg", "photometric": "rgb"}
@@ -201,37 +230,71 @@ def write_slide(
                 subfiletype=0 if index == 0 or aperio else 1,
                 description=description,
                 resolution=(resolution[0] / downsample, resolution[1] / downsample)
-                if resolution else None,
+                if resolution
+                else None,
                 resolutionunit="CENTIMETER" if resolution else None,
                 metadata=None,
                 **options,
             )
             if aperio and index == 0:
-                thumbnail = tissue_pixels(0, 0, max(1, width // 32),
-                                          max(1, height // 32), 32, seed)
-                writer.write(thumbnail, description="Aperio Image Library thumbnail",
-                             photometric="rgb", metadata=None)
+                thumbnail = tissue_pixels(
+                    0, 0, max(1, width // 32), max(1, height // 32), 32, seed
+                )
+                writer.write(
+                    thumbnail,
+                    description="Aperio Image Library thumbnail",
+                    photometric="rgb",
+                    metadata=None,
+                )
         if label_text is not None:
             label = _label_image(label_text)
             if aperio:
-                writer.write(label, subfiletype=1, compression="lzw", photometric="rgb",
-                             description="Aperio Image Library v12.0.15\nlabel 400x300",
-                             metadata=None)
-                writer.write(label, subfiletype=9, compression="jpeg",
-                             photometric="rgb",
-                             description="Aperio Image Library v12.0.15\nmacro 400x300",
-                             metadata=None)
+                writer.write(
+                    label,
+                    subfiletype=1,
+                    compression="lzw",
+                    photometric="rgb",
+                    description="Aperio Image Library v12.0.15\nlabel 400x300",
+                    metadata=None,
+                )
+                writer.write(
+                    label,
+                    subfiletype=9,
+                    compression="jpeg",
+                    photometric="rgb",
+                    description="Aperio Image Library v12.0.15\nmacro 400x300",
+                    metadata=None,
+                )
             else:
-                writer.write(label, subfiletype=1, photometric="rgb",
-                             description="label", metadata=None)
-                writer.write(label, subfiletype=1, photometric="rgb",
-                             description="macro", metadata=None)
+                writer.write(
+                    label,
+                    subfiletype=1,
+                    photometric="rgb",
+                    description="label",
+                    metadata=None,
+                )
+                writer.write(
+                    label,
+                    subfiletype=1,
+                    photometric="rgb",
+                    description="macro",
+                    metadata=None,
+                )
     return path
 
 
-def _level_tiles(width: int, height: int, level_width: int, level_height: int,
-                 tile_size: int, downsample: int, compression: str, quality: int,
-                 sparse_every: int, seed: int) -> Iterator[bytes | np.ndarray]:
+def _level_tiles(
+    width: int,
+    height: int,
+    level_width: int,
+    level_height: int,
+    tile_size: int,
+    downsample: int,
+    compression: str,
+    quality: int,
+    sparse_every: int,
+    seed: int,
+) -> Iterator[bytes | np.ndarray]:
     cols = math.ceil(level_width / tile_size)
     rows = math.ceil(level_height / tile_size)
     for row in range(rows):
@@ -240,11 +303,19 @@ def _level_tiles(width: int, height: int, level_width: int, level_height: int,
             if sparse_every and index % sparse_every:
                 yield b""
                 continue
-            pixels = tissue_pixels(col * tile_size * downsample,
-                                   row * tile_size * downsample, tile_size,
-                                   tile_size, downsample, seed, width, height)
+            pixels = tissue_pixels(
+                col * tile_size * downsample,
+                row * tile_size * downsample,
+                tile_size,
+                tile_size,
+                downsample,
+                seed,
+                width,
+                height,
+            )
             if compression == "jpeg":
-                yield simplejpeg.encode_jpeg(pixels, quality=quality, colorspace="RGB",
-                                             colorsubsampling="420")
+                yield simplejpeg.encode_jpeg(
+                    pixels, quality=quality, colorspace="RGB", colorsubsampling="420"
+                )
             else:
                 yield pixels

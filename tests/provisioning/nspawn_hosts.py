@@ -236,8 +236,19 @@ class Cluster:
         run("ip", "link", "del", veth, check=False)
         run("ip", "netns", "add", netns)
         self._cleanups.append(("netns", netns))
-        run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0",
-            "netns", netns)
+        run(
+            "ip",
+            "link",
+            "add",
+            veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            netns,
+        )
         run("ip", "link", "set", veth, "master", BRIDGE, "up")
         run("ip", "-n", netns, "addr", "add", f"{host.address}/24", "dev", "eth0")
         run("ip", "-n", netns, "link", "set", "eth0", "up")
@@ -264,7 +275,9 @@ class Cluster:
         image = host.workdir / "data.img"
         with open(image, "wb") as handle:
             handle.truncate(host.disk_size_bytes)
-        host.loop_device = run("losetup", "-f", "-P", "--show", str(image)).stdout.strip()
+        host.loop_device = run(
+            "losetup", "-f", "-P", "--show", str(image)
+        ).stdout.strip()
         self._cleanups.append(("loop", host.loop_device))
 
     def _boot(self, host: Host) -> None:
@@ -274,8 +287,10 @@ class Cluster:
             "--register=no",
             "--keep-unit",
             "-q",
-            "-D", str(host.root),
-            "-M", host.name,
+            "-D",
+            str(host.root),
+            "-M",
+            host.name,
             f"--network-namespace-path=/run/netns/tiledt-{host.name}",
             # Lets the role create the partition's device node: the container's
             # /dev is a private tmpfs without udev.
@@ -288,7 +303,10 @@ class Cluster:
         args.append("-b")
         with open(host.log_path, "wb") as out:
             host.process = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         self._cleanups.append(("machine", host))
@@ -302,9 +320,8 @@ class Cluster:
                         f"{host.name}: systemd-nspawn exited with "
                         f"{host.process.returncode}:\n{host.log_path.read_text()[-3000:]}"
                     )
-                with contextlib.suppress(OSError):
-                    with socket.create_connection((host.address, 22), timeout=1):
-                        break
+                if port_open(host.address, 22):
+                    break
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{host.name}: no SSH on {host.address}:22")
                 time.sleep(0.3)
@@ -345,6 +362,14 @@ class Cluster:
         return errors
 
 
+def port_open(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def release_mount(path: str) -> None:
     """Unmount ``path`` and anything left mounted below it."""
     for _ in range(10):
@@ -370,11 +395,24 @@ def remove_bridge() -> None:
 def make_ssh_key(directory: Path) -> tuple[Path, str]:
     """Create an ed25519 key pair; return the private key path and public key."""
     key = directory / "id_ed25519"
-    run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "tiled-test", "-f", str(key))
+    run(
+        "ssh-keygen",
+        "-q",
+        "-t",
+        "ed25519",
+        "-N",
+        "",
+        "-C",
+        "tiled-test",
+        "-f",
+        str(key),
+    )
     return key, (directory / "id_ed25519.pub").read_text()
 
 
-def netns_exec(host: Host, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def netns_exec(
+    host: Host, *args: str, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run a host binary inside the host's network namespace."""
     return run("ip", "netns", "exec", f"tiledt-{host.name}", *args, check=check)
 

@@ -26,8 +26,20 @@ __all__ = [
 READERS: list[Callable[[str], SlideReader]] = [TiffReader]
 
 #: File name suffixes the slide-root scan considers (lower case).
-SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".btf", ".tf8", ".ndpi", ".dcm", ".mrxs",
-                  ".scn", ".bif", ".vms", ".svslide"}
+SLIDE_SUFFIXES = {
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".btf",
+    ".tf8",
+    ".ndpi",
+    ".dcm",
+    ".mrxs",
+    ".scn",
+    ".bif",
+    ".vms",
+    ".svslide",
+}
 
 
 def open_slide(path: str | os.PathLike[str]) -> SlideReader:

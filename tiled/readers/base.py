@@ -111,7 +111,9 @@ class SlideReader(abc.ABC):
     def read_associated(self, name: str) -> np.ndarray:
         raise KeyError(name)
 
-    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+    def read_region(
+        self, level: int, x: int, y: int, width: int, height: int
+    ) -> np.ndarray:
         """Return pixels of a rectangle of one level; area outside it is background."""
         info = self.levels[level]
         dtype = np.uint16 if self.bits == 16 else np.uint8

@@ -140,8 +140,13 @@ class TiffReader(SlideReader):
             height, width = page.imagelength, page.imagewidth
             self._pages.append(page)
             self.levels.append(
-                Level(width, height, page.tilewidth, page.tilelength,
-                      level0.imagewidth / width)
+                Level(
+                    width,
+                    height,
+                    page.tilewidth,
+                    page.tilelength,
+                    level0.imagewidth / width,
+                )
             )
         self.samples = level0.samplesperpixel
         self.bits = 8
@@ -171,9 +176,7 @@ class TiffReader(SlideReader):
 
     @property
     def associated_images(self) -> Mapping[str, tuple[int, int]]:
-        return {
-            name: (s.shape[1], s.shape[0]) for name, s in self._associated.items()
-        }
+        return {name: (s.shape[1], s.shape[0]) for name, s in self._associated.items()}
 
     @property
     def properties(self) -> Mapping[str, str]:
@@ -225,8 +228,9 @@ class TiffReader(SlideReader):
                 raise CorruptSlide(
                     f"tile {col},{row} of level {level}: {error}"
                 ) from None
-            return Tile(Codec.JPEG, info.tile_width, info.tile_height, jpeg,
-                        self.samples, 8)
+            return Tile(
+                Codec.JPEG, info.tile_width, info.tile_height, jpeg, self.samples, 8
+            )
         pixels = self.read_tile_pixels(level, col, row)
         if pixels is None:
             return None
