@@ -309,7 +309,8 @@ class TiledPeer(Peer):
         shutil.rmtree(self.store, ignore_errors=True)
         self.store.parent.mkdir(parents=True, exist_ok=True)
         command = [*self.tiled_command, "ingest", str(slide.resolve()),
-                   "--store", str(self.store)]
+                   "--root", str(self.slide_dir), "--store", str(self.store),
+                   "--quiet"]
         log.info("run %s", " ".join(command))
         started = time.monotonic()
         subprocess.run(command, check=True)

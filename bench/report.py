@@ -56,8 +56,8 @@ def summarize(rounds: list[dict]) -> dict:
     """Take the median of each figure over the rounds of one peer."""
     summary = {}
     for field in ("requests_per_second", "p50_ms", "p99_ms", "server_cpu_percent",
-                  "client_cpu_percent"):
-        values = [round_[field] for round_ in rounds if field in round_]
+                  "client_cpu_percent", "other_load_percent"):
+        values = [round_[field] for round_ in rounds if round_.get(field) is not None]
         summary[field] = statistics.median(values) if values else None
     summary["errors"] = sum(r["non_2xx"] + r["socket_errors"] for r in rounds)
     return summary
@@ -146,11 +146,13 @@ def render_section(result: dict) -> str:
         f"({result['slide']['source']}), median of {settings['rounds']} rounds "
         "after one warm-up pass. The ratios are medians of the per-round ratios. "
         "CPU is the server's (all its processes) and wrk's use in percent of one "
-        "core.",
+        "core. Other load is the largest share of the server's or wrk's CPU that "
+        "other processes on the machine took during the run.",
         "",
         "| peer | req/s | ratio to nginx | ratio to IIPImage + memcached "
-        "| p50 ms | p99 ms | server CPU % | wrk CPU % | errors | mean tile bytes |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| p50 ms | p99 ms | server CPU % | wrk CPU % | other load % | errors "
+        "| mean tile bytes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, summary in summaries.items():
         lines.append(
@@ -161,12 +163,13 @@ def render_section(result: dict) -> str:
             f"| {format_number(summary['p99_ms'], 2)} "
             f"| {format_number(summary['server_cpu_percent'])} "
             f"| {format_number(summary['client_cpu_percent'])} "
+            f"| {format_number(summary['other_load_percent'])} "
             f"| {summary['errors']} "
             f"| {format_number(result['peers'][name]['mean_tile_bytes'])} |"
         )
     for name in result.get("skipped", {}):
         lines.append(f"| {name} | not run: {result['skipped'][name]} "
-                     "| | | | | | | | |")
+                     "| | | | | | | | | |")
     targets = result.get("targets", [])
     if targets:
         lines += ["", "| target | measured | result |", "|---|---:|---|"]

@@ -159,6 +159,22 @@ def check_sizes(reference: peers.Peer, reference_sizes: dict,
     return problems
 
 
+def other_load(parsed: dict, args: argparse.Namespace) -> float | None:
+    """Return the largest CPU share that other processes took from our two CPUs.
+
+    Only defined when the server and wrk each have one CPU. A shared machine
+    shows it as the CPU busy time that neither the server nor wrk used.
+    """
+    busy = parsed["cpu_busy_percent"]
+    if args.server_cpu not in busy or args.client_cpu not in busy:
+        return None
+    if args.server_cpu == args.client_cpu:
+        return None
+    server_other = busy[args.server_cpu] - parsed.get("server_cpu_percent", 0.0)
+    client_other = busy[args.client_cpu] - parsed["client_cpu_percent"]
+    return max(0.0, server_other, client_other)
+
+
 def profile_peer(peer: peers.Peer, urls_file: Path, args: argparse.Namespace,
                  out_dir: Path) -> dict:
     """Record py-spy stacks of a Python server while wrk loads it.
@@ -246,15 +262,17 @@ def measure(args: argparse.Namespace) -> dict:
                                            args.duration, args.connections,
                                            args.threads, args.client_cpu,
                                            peer.server_pids())
+                parsed["other_load_percent"] = other_load(parsed, args)
                 (run_dir / f"{peer.key}.wrk{round_index}.txt").write_text(raw)
                 peer_results[peer.name]["rounds"].append(parsed)
                 log.info("round %d %-32s %9.0f req/s  p50 %6.2f ms  p99 %6.2f ms  "
-                         "CPU server %3.0f%% wrk %3.0f%%",
+                         "CPU server %3.0f%% wrk %3.0f%% other %3.0f%%",
                          round_index + 1, peer.name, parsed["requests_per_second"],
                          parsed.get("p50_ms", float("nan")),
                          parsed.get("p99_ms", float("nan")),
                          parsed.get("server_cpu_percent", float("nan")),
-                         parsed["client_cpu_percent"])
+                         parsed["client_cpu_percent"],
+                         parsed.get("other_load_percent") or float("nan"))
                 time.sleep(1.0)
 
         if args.profile:
