@@ -130,6 +130,9 @@ def downsample_2x(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
 
 TileFetcher = Callable[[int, int, int], Tile]
 
+# Blank tiles by size and encoding; slides share them.
+_BACKGROUND_TILES: dict[tuple, Tile] = {}
+
 
 class TileMaker:
     """Makes DeepZoom tiles of one slide from its source and from finer tiles.
@@ -191,7 +194,17 @@ class TileMaker:
             return None
         tile = self.reader.read_tile(source, t_col, t_row)
         if tile is None:
-            return self.encode(self._background(box.width, box.height))
+            return self.background_tile(box.width, box.height)
+        return tile
+
+    def background_tile(self, width: int, height: int) -> Tile:
+        """Return an encoded blank tile, made once per size and codec."""
+        key = (width, height, self.reader.samples, self.reader.bits, self.lossy,
+               self.jpeg_quality)
+        tile = _BACKGROUND_TILES.get(key)
+        if tile is None:
+            tile = self.encode(self._background(width, height))
+            _BACKGROUND_TILES[key] = tile
         return tile
 
     def _background(self, width: int, height: int) -> np.ndarray:
