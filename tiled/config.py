@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+# Characters an alias may use: URL-safe without escaping in a path segment.
+ALIAS_NAME = re.compile(r"[A-Za-z0-9._~-]{1,128}")
 
 
 class ConfigError(ValueError):
@@ -46,6 +50,11 @@ class SlidesSettings:
     associated_images: bool = False
     # Show each slide's file name in the slide list and metadata.
     show_file_names: bool = True
+    # Extra ids for slides, as {alias: path relative to a root}, so a fixed
+    # identifier (an IIIF test image, a DICOM viewer's bookmark) can name a file.
+    # An alias only resolves to a file the root scan found, so it cannot reach
+    # outside the roots. As an environment variable: "name=path,name=path".
+    aliases: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -69,11 +78,24 @@ class DeepZoomSettings:
 
 
 @dataclasses.dataclass
+class LimitsSettings:
+    # Largest image one IIIF, region or thumbnail response may have, in pixels.
+    # A request is decoded at most at twice max_area, so these bound the memory
+    # of one request at about 3 bytes x 3 x max_area (150 MB at the default).
+    max_width: int = 8192
+    max_height: int = 8192
+    max_area: int = 16_777_216
+    # Tiles one batch request may ask for.
+    batch_max_tiles: int = 256
+
+
+@dataclasses.dataclass
 class Settings:
     server: ServerSettings = dataclasses.field(default_factory=ServerSettings)
     slides: SlidesSettings = dataclasses.field(default_factory=SlidesSettings)
     store: StoreSettings = dataclasses.field(default_factory=StoreSettings)
     deepzoom: DeepZoomSettings = dataclasses.field(default_factory=DeepZoomSettings)
+    limits: LimitsSettings = dataclasses.field(default_factory=LimitsSettings)
 
     def validate(self) -> None:
         """Raise ConfigError if a value is out of range."""
@@ -93,6 +115,23 @@ class Settings:
             raise ConfigError("store.map_size_bytes must be at least 1 MiB")
         if self.slides.open_slides < 1:
             raise ConfigError("slides.open_slides must be at least 1")
+        for name, path in self.slides.aliases.items():
+            if not ALIAS_NAME.fullmatch(name):
+                raise ConfigError(
+                    f"slides.aliases: invalid alias {name!r}; use 1-128 letters, "
+                    "digits, '.', '_', '~' or '-'"
+                )
+            parts = path.replace("\\", "/").split("/")
+            if path.startswith("/") or ".." in parts or not path:
+                raise ConfigError(
+                    f"slides.aliases.{name}: {path!r} must be a relative path "
+                    "inside a slide root, without '..'"
+                )
+        limits = self.limits
+        if min(limits.max_width, limits.max_height, limits.max_area) < 1:
+            raise ConfigError("limits.max_width, max_height and max_area must be >= 1")
+        if not 1 <= limits.batch_max_tiles <= 10000:
+            raise ConfigError("limits.batch_max_tiles must be 1-10000")
 
 
 def _coerce(value: Any, default: Any, name: str) -> Any:
@@ -111,6 +150,13 @@ def _coerce(value: Any, default: Any, name: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError(value)
             return int(value)
+        if isinstance(default, dict):
+            if isinstance(value, str):
+                pairs = (part.split("=", 1) for part in value.split(",") if part)
+                value = {key.strip(): path.strip() for key, path in pairs}
+            if not isinstance(value, Mapping):
+                raise ValueError(value)
+            return {str(key): str(item) for key, item in value.items()}
         if isinstance(default, list):
             if isinstance(value, str):
                 return [part for part in value.split(os.pathsep) if part]

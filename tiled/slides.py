@@ -12,6 +12,7 @@ import collections
 import hashlib
 import logging
 import os
+import posixpath
 import threading
 import time
 from collections.abc import Iterator
@@ -238,6 +239,12 @@ class Catalog:
         self.writer = writer
         self.roots = [os.path.realpath(root) for root in settings.slides.roots]
         self.readers = ReaderCache(settings.slides.open_slides)
+        # Aliases map to the id the scan gives the file, so they resolve only
+        # to slides found inside a root.
+        self.aliases = {
+            name: slide_id_for(posixpath.normpath(path.replace("\\", "/")))
+            for name, path in settings.slides.aliases.items()
+        }
         self._entries: dict[str, SlideEntry] = {}
         self._last_scan = 0.0
         self._scan_lock = threading.Lock()
@@ -285,6 +292,8 @@ class Catalog:
         return iter(sorted(self._entries.values(), key=lambda e: e.relative_path))
 
     def get(self, slide_id: str) -> SlideEntry:
+        """Return the entry of a slide id or alias; raise NotFound if neither."""
+        slide_id = self.aliases.get(slide_id, slide_id)
         entry = self._entries.get(slide_id)
         if (
             entry is None
