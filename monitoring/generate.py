@@ -743,9 +743,12 @@ def node_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
     disk = thresholds["disk_free"]
     lag = thresholds["event_loop_lag"]
     # Both exporters of a host share its name but not its port, so the host
-    # variable drops the port and the selectors match any port.
-    tiled = '{job="$job", instance=~"${host:regex}:[0-9]+"}'
-    node = '{job="node", instance=~"${host:regex}:[0-9]+"}'
+    # variable drops the port and the selectors match any port. Grafana inserts
+    # a single-value variable unescaped, so the dots of an address match any
+    # character. That is harmless here; ${host:regex} would break the PromQL
+    # string with its single backslashes.
+    tiled = '{job="$job", instance=~"$host:[0-9]+"}'
+    node = '{job="node", instance=~"$host:[0-9]+"}'
     panels = [
         panel(
             "Store map usage",

@@ -23,7 +23,6 @@ mode (see setup_multiprocess). Its limits, and how this module handles them:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import platform
@@ -36,6 +35,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
     multiprocess,
     values,
@@ -44,6 +44,10 @@ from prometheus_client import (
 from tiled import __version__
 
 log = logging.getLogger(__name__)
+
+# The text format exposes each counter's creation time as an extra series, which
+# Prometheus stores but nothing here reads.
+disable_created_metrics()
 
 ROUTES = ("deepzoom", "iiif", "dicomweb", "region", "api", "viewer", "ops")
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
@@ -286,16 +290,3 @@ def render_metrics() -> tuple[bytes, str]:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=directory)
     return generate_latest(registry), CONTENT_TYPE_TEXT
-
-
-async def measure_event_loop_lag(interval_seconds: float = 0.25) -> None:
-    """Observe how late the event loop runs a timer, until cancelled.
-
-    A lag well above zero means a callback blocked the loop, for example a
-    decode that ran outside the thread pool. Start it as a task per worker.
-    """
-    loop = asyncio.get_running_loop()
-    while True:
-        due = loop.time() + interval_seconds
-        await asyncio.sleep(interval_seconds)
-        EVENT_LOOP_LAG.observe(max(0.0, loop.time() - due))
