@@ -23,7 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tiled import __version__, metrics
+from tiled import __version__, metrics, regions
 from tiled.codecs import Codec, Tile, decode_tile, encode_jpeg, encode_png, to_rgb8
 from tiled.config import Settings
 from tiled.errors import BadRequest, NotFound, TiledError
@@ -138,18 +138,26 @@ class TileService:
             del self._in_flight[key]
         return tile, "generated"
 
-    def encode(self, tile: Tile, extension: str, quality: int) -> bytes:
-        """Return tile bytes in the requested format, converting if needed."""
+    def encode(
+        self,
+        tile: Tile,
+        extension: str,
+        quality: int,
+        display: Callable[[Any], Any] = to_rgb8,
+    ) -> bytes:
+        """Return tile bytes in the requested format, converting if needed.
+
+        ``display`` renders stored pixels (any sample count, 8 or 16 bits) as
+        8-bit RGB; it is the slide reader's ``to_display``.
+        """
         if extension == "png":
             if tile.codec == Codec.PNG:
                 return tile.data
-            return encode_png(
-                to_rgb8(decode_tile(tile)) if tile.bits != 8 else decode_tile(tile)
-            )
+            return encode_png(display(decode_tile(tile)))
         if tile.codec == Codec.JPEG:
             return tile.data
         pixels = decode_tile(tile)
-        return encode_jpeg(to_rgb8(pixels), quality)
+        return encode_jpeg(display(pixels), quality)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -159,6 +167,8 @@ def route_of(path: str) -> str:
     if path.startswith("/slides/"):
         if "_files/" in path or path.endswith(".dzi"):
             return "deepzoom"
+        if path.endswith(("/region", "/thumbnail", "/tiles")):
+            return "region"
         return "api"
     if path.startswith("/iiif/"):
         return "iiif"
@@ -185,9 +195,12 @@ async def observe(
     try:
         if request.method == "OPTIONS":
             response: web.StreamResponse = web.Response(status=204)
-            response.headers["Access-Control-Allow-Methods"] = "GET, HEAD, OPTIONS"
+            response.headers["Access-Control-Allow-Methods"] = (
+                "GET, HEAD, POST, OPTIONS"
+            )
+            # Content-Type: the tile batch endpoint takes a JSON body.
             response.headers["Access-Control-Allow-Headers"] = (
-                "Accept, If-None-Match, Range"
+                "Accept, Content-Type, If-None-Match, Range"
             )
             response.headers["Access-Control-Max-Age"] = "86400"
         else:
@@ -377,7 +390,11 @@ async def get_tile(request: web.Request) -> web.Response:
         body = service.encoded.get(cache_key)
         if body is None:
             body = await service.run(
-                service.encode, tile, extension, pyramid.jpeg_quality
+                service.encode,
+                tile,
+                extension,
+                pyramid.jpeg_quality,
+                pyramid.to_display,
             )
             service.encoded.put(cache_key, body)
     metrics.TILES_SERVED.labels(
@@ -457,6 +474,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/slides/{slide_id}_files/{tail:.+}", get_tile)
     app.router.add_get("/slides/{slide_id}", get_slide)
     app.router.add_static("/static/", _static_path(), append_version=False)
+    regions.add_routes(app)
 
     async def background(app: web.Application):
         tasks = [
