@@ -43,10 +43,18 @@ class UnsupportedSlide(TiledError):
 
 
 class CorruptSlide(TiledError):
-    """Raised if a slide file or one of its tiles cannot be read or decoded."""
+    """Raised if a slide file or one of its tiles cannot be read or decoded.
+
+    ``reason`` is a short fixed word (such as "truncated", "decode" or
+    "invalid_jpeg") used as the label of the tile error metric.
+    """
 
     status = 422
     code = "corrupt_slide"
+
+    def __init__(self, message: str = "", reason: str = "corrupt") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class StoreError(TiledError):

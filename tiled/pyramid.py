@@ -15,13 +15,26 @@ and the last level is full resolution.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable
 
 import numpy as np
 
-from tiled.codecs import Codec, Tile, decode_tile, encode_jpeg, pack_raw, to_rgb8
+from tiled import metrics
+from tiled.codecs import (
+    Codec,
+    Tile,
+    decode_jpeg,
+    decode_tile,
+    encode_jpeg,
+    pack_raw,
+    to_rgb8,
+)
+from tiled.errors import CorruptSlide
 from tiled.readers.base import Level, SlideReader
+
+log = logging.getLogger("tiled.pyramid")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -130,6 +143,23 @@ def downsample_2x(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
 
 TileFetcher = Callable[[int, int, int], Tile]
 
+
+def check_jpeg(data: bytes) -> None:
+    """Raise CorruptSlide unless a stored JPEG tile decodes completely.
+
+    The full decode runs only when a tile first enters the store, and unlike
+    a marker scan it also catches damaged entropy-coded data.
+    """
+    if len(data) < 4 or data[:2] != b"\xff\xd8":
+        raise CorruptSlide("stored JPEG tile has no SOI marker", "invalid_jpeg")
+    try:
+        decode_jpeg(data)
+    except Exception as error:  # imagecodecs raises its own exception types
+        raise CorruptSlide(
+            f"stored JPEG tile cannot be decoded: {error}", "invalid_jpeg"
+        ) from None
+
+
 # Blank tiles by size and encoding; slides share them.
 _BACKGROUND_TILES: dict[tuple, Tile] = {}
 
@@ -152,9 +182,29 @@ class TileMaker:
         self.geometry = geometry
         self.jpeg_quality = jpeg_quality
         self.fetch = fetch
-        self.lossy = reader.passthrough_codec is not None
+        self.lossy = reader.is_lossy
 
     def make(self, z: int, t_col: int, t_row: int) -> Tile:
+        """Make one tile; a corrupt source tile fails this tile alone.
+
+        The error is logged and counted, and nothing is returned for the
+        store, so a later request tries the source again.
+        """
+        try:
+            return self._make(z, t_col, t_row)
+        except CorruptSlide as error:
+            metrics.TILE_ERRORS.labels(error.reason).inc()
+            log.warning(
+                "tile %d/%d_%d of a %s slide failed: %s",
+                z,
+                t_col,
+                t_row,
+                self.reader.format,
+                error,
+            )
+            raise
+
+    def _make(self, z: int, t_col: int, t_row: int) -> Tile:
         geometry = self.geometry
         box = geometry.tile_box(z, t_col, t_row)
         source = geometry.source_level[z]
@@ -172,7 +222,7 @@ class TileMaker:
         if not self.lossy:
             return pack_raw(pixels)
         height, width = pixels.shape[:2]
-        rgb = to_rgb8(pixels)
+        rgb = self.reader.to_display(pixels)
         data = encode_jpeg(rgb, self.jpeg_quality)
         return Tile(Codec.JPEG, width, height, data, 3, 8)
 
@@ -183,7 +233,7 @@ class TileMaker:
         geometry = self.geometry
         size = geometry.tile_size
         if not (
-            self.lossy
+            self.reader.passthrough_codec == "jpeg"
             and geometry.overlap == 0
             and level.tile_width == size
             and level.tile_height == size
@@ -195,12 +245,23 @@ class TileMaker:
         tile = self.reader.read_tile(source, t_col, t_row)
         if tile is None:
             return self.background_tile(box.width, box.height)
+        if tile.codec == Codec.JPEG:
+            check_jpeg(tile.data)
         return tile
 
     def background_tile(self, width: int, height: int) -> Tile:
         """Return an encoded blank tile, made once per size and codec."""
-        key = (width, height, self.reader.samples, self.reader.bits, self.lossy,
-               self.jpeg_quality)
+        if type(self.reader).to_display is not SlideReader.to_display:
+            # Display settings differ per slide, so the blank is not shared.
+            return self.encode(self._background(width, height))
+        key = (
+            width,
+            height,
+            self.reader.samples,
+            self.reader.bits,
+            self.lossy,
+            self.jpeg_quality,
+        )
         tile = _BACKGROUND_TILES.get(key)
         if tile is None:
             tile = self.encode(self._background(width, height))

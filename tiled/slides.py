@@ -136,7 +136,10 @@ class SlidePyramid:
         self.geometry = DeepZoomGeometry(reader.levels, self.tile_size, self.overlap)
         self.variant = variant_name(self.tile_size, self.overlap, self.jpeg_quality)
         self.format = reader.format
-        self.lossy = reader.passthrough_codec is not None
+        self.lossy = reader.is_lossy
+        # Renders stored pixels for JPEG and PNG responses (channel windows
+        # and colours of multichannel slides).
+        self.to_display = reader.to_display
         record = slide_record(entry, reader)
         if ingest:
             # An ingest stages its tiles; the record changes when it finishes.

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from tiled.codecs import Tile
+from tiled.codecs import Tile, to_rgb8
 
 BACKGROUND = 255
 
@@ -72,10 +72,30 @@ class SlideReader(abc.ABC):
     #: Codec of stored tiles that ``read_tile`` returns as-is, or None when
     #: tiles are decoded and kept losslessly.
     passthrough_codec: str | None = None
+    #: True when the source is lossy, so tiles tiled makes are JPEG-encoded;
+    #: None takes it from ``passthrough_codec``.
+    lossy: bool | None = None
+    #: Names of the associated images shown to any client; label and macro
+    #: images can show patient data and are served only where configured.
+    SERVED_ASSOCIATED = frozenset({"thumbnail"})
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         self.identity = SourceIdentity.of(path)
+
+    @property
+    def is_lossy(self) -> bool:
+        if self.lossy is not None:
+            return self.lossy
+        return self.passthrough_codec is not None
+
+    def to_display(self, pixels: np.ndarray) -> np.ndarray:
+        """Render stored pixels as 8-bit RGB for JPEG or PNG tiles.
+
+        Readers of multichannel or high-bit-depth data override this to apply
+        their channel windows and colours; the store keeps the source values.
+        """
+        return to_rgb8(pixels)
 
     @property
     def dimensions(self) -> tuple[int, int]:
