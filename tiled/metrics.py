@@ -18,7 +18,11 @@ mode (see setup_multiprocess). Its limits, and how this module handles them:
 - Process and Python runtime metrics (``process_*``, ``python_gc_*``) are not
   exported, because each worker could only report itself. Use node_exporter.
 - Gauge.set_function() and exemplars do not work in multiprocess mode, and
-  Gauge.inc()/dec() are not allowed on the ``mostrecent`` gauges below.
+  Gauge.inc()/dec() are not allowed on the ``mostrecent`` gauges below. Such a
+  gauge is missing from /metrics until a live worker has set it.
+- With PROMETHEUS_MULTIPROC_DIR set in the environment the metrics are
+  file-backed even with one worker, and only setup_multiprocess() empties the
+  folder, so call it whenever the variable is set.
 """
 
 from __future__ import annotations
@@ -45,9 +49,16 @@ from tiled import __version__
 
 log = logging.getLogger(__name__)
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
 # The text format exposes each counter's creation time as an extra series, which
 # Prometheus stores but nothing here reads.
 disable_created_metrics()
+
+# With PROMETHEUS_MULTIPROC_DIR set before this import, prometheus_client opens
+# a file in that folder for each metric below and fails if the folder is missing.
+if os.environ.get(MULTIPROC_ENV):
+    os.makedirs(os.environ[MULTIPROC_ENV], exist_ok=True)
 
 ROUTES = ("deepzoom", "iiif", "dicomweb", "region", "api", "viewer", "ops")
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
@@ -55,8 +66,6 @@ STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 # Prometheus text exposition format 0.0.4, spelled out because newer
 # prometheus_client versions advertise 1.0.0 in CONTENT_TYPE_LATEST.
 CONTENT_TYPE_TEXT = "text/plain; version=0.0.4; charset=utf-8"
-
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Tile latency spans page-cache hits (well under 1 ms) to tiles decoded,
 # resampled and encoded from the source file (up to seconds). The alert rules
