@@ -38,6 +38,9 @@ from tiled.errors import StoreError, StoreFull
 
 log = logging.getLogger("tiled.store")
 
+# A failed write with less free space than this is blamed on a full disk.
+DISK_FULL_MARGIN_BYTES = 64 << 20
+
 _SLIDES = b"slides"
 _TILES = b"tiles"
 _INGEST = b"ingest"
@@ -186,15 +189,22 @@ class Store:
                 with self._lock:
                     self.env.set_mapsize(0)
             except lmdb.Error as error:
-                if getattr(error, "errno", None) == errno.ENOSPC or "No space" in str(
-                    error
-                ):
+                # LMDB reports a short write on a full disk as EIO, so the
+                # free space decides whether the disk is the cause.
+                if getattr(error, "errno", None) == errno.ENOSPC or self._disk_full():
                     metrics.STORE_WRITE_ERRORS.labels("disk_full").inc()
                     raise StoreFull(
                         "the tile store's disk is full; free space or move the store"
                     ) from None
                 metrics.STORE_WRITE_ERRORS.labels("lmdb").inc()
                 raise StoreError(f"tile store write failed: {error}") from None
+
+    def _disk_full(self) -> bool:
+        try:
+            status = os.statvfs(self.path)
+        except OSError:
+            return False
+        return status.f_bavail * status.f_frsize < DISK_FULL_MARGIN_BYTES
 
     def _grow(self) -> None:
         current = self.env.info()["map_size"]
