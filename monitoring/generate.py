@@ -497,6 +497,7 @@ def overview_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
     burn_steps = _threshold_steps(slo["warning_burn_rate"], slo["critical_burn_rate"])
     job = '{job="$job"}'
     nodes = '{job="$job", instance=~"$instance"}'
+    ingest = '{job=~"$job|node"}'
     panels = [
         panel(
             "Requests",
@@ -687,12 +688,15 @@ def overview_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
             "Ingest",
             "short",
             [
-                (f"job:tiled_ingest_tiles:rate5m{job}", "tiles/s"),
+                (f"job:tiled_ingest_tiles:rate5m{ingest}", "tiles/s {{job}}"),
                 (
-                    f"job_result:tiled_ingest_slides:increase1h{job}",
-                    "slides {{result}} in 1h",
+                    f"job_result:tiled_ingest_slides:increase1h{ingest}",
+                    "slides {{result}} in 1h {{job}}",
                 ),
             ],
+            description="Tiles and slides written by `tiled ingest`. The command "
+            "hands its counts to node_exporter's textfile collector, so they "
+            'carry job="node".',
         ),
         panel(
             "HAProxy responses by code",

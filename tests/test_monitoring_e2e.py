@@ -139,7 +139,9 @@ def start_tiled(
     return process
 
 
-def start_node_exporter(processes: Processes, port: int) -> subprocess.Popen:
+def start_node_exporter(
+    processes: Processes, port: int, textfile_dir: Path
+) -> subprocess.Popen:
     # Only the collectors the rules read, so a scrape stays cheap.
     args = [
         shutil.which("prometheus-node-exporter") or "node_exporter",
@@ -149,6 +151,8 @@ def start_node_exporter(processes: Processes, port: int) -> subprocess.Popen:
         "--collector.meminfo",
         "--collector.filesystem",
         "--collector.netdev",
+        "--collector.textfile",
+        f"--collector.textfile.directory={textfile_dir}",
     ]
     process = processes.start("node_exporter", args)
     wait_for_http(f"http://{HOST}:{port}/metrics", process)
@@ -314,6 +318,23 @@ def fetch_all(urls: list[str]) -> Counter[int]:
     return Counter(statuses)
 
 
+# What `tiled ingest` would report after two slides of 60 tiles.
+INGEST_SCRIPT = """
+import sys
+from tiled import metrics
+metrics.INGEST_TILES.inc(120)
+metrics.INGEST_SLIDES.labels("complete").inc(2)
+metrics.write_ingest_textfile(sys.argv[1])
+"""
+
+
+def write_ingest_counts(path: Path) -> None:
+    """Write ingest counters from a separate process, as the ingest command runs."""
+    subprocess.run(
+        [sys.executable, "-c", INGEST_SCRIPT, str(path)], check=True, timeout=60
+    )
+
+
 # Queries under test
 
 
@@ -379,7 +400,10 @@ def stack(tmp_path_factory) -> Iterator[dict[str, Any]]:
     try:
         start_tiled(processes, slide_dir, work_dir / "store", ports["tiled"])
         start_haproxy(processes, ports["front"], ports["stats"], ports["tiled"])
-        start_node_exporter(processes, ports["node"])
+        textfile_dir = work_dir / "textfile"
+        textfile_dir.mkdir()
+        write_ingest_counts(textfile_dir / "tiled_ingest.prom")
+        start_node_exporter(processes, ports["node"], textfile_dir)
         config = prometheus_test_config(
             work_dir,
             ports["prom"],
@@ -510,3 +534,9 @@ def test_request_counts_reach_prometheus(stack):
                 break
             time.sleep(1)
         assert value == count, f"{status_class}: {value} != {count}"
+
+
+def test_ingest_counts_reach_prometheus(stack):
+    query = 'tiled_ingest_tiles_total{job="node"}'
+    result = wait_for_data(stack["ports"]["prom"], query)["data"]["result"]
+    assert [float(item["value"][1]) for item in result] == [120]

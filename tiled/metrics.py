@@ -43,6 +43,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
     values,
+    write_to_textfile,
 )
 
 from tiled import __version__
@@ -148,6 +149,8 @@ STORE_MAP_LIMIT = Gauge(
     "Configured ceiling of the LMDB map size.",
     multiprocess_mode="livemostrecent",
 )
+# `tiled ingest` is a short-lived command that Prometheus cannot scrape, so it
+# hands these two to node_exporter through write_ingest_textfile().
 INGEST_TILES = Counter(
     "tiled_ingest_tiles",
     "Tiles written by ingest runs.",
@@ -299,3 +302,17 @@ def render_metrics() -> tuple[bytes, str]:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=directory)
     return generate_latest(registry), CONTENT_TYPE_TEXT
+
+
+def write_ingest_textfile(path: str | os.PathLike[str]) -> None:
+    """Write the ingest counters for node_exporter's textfile collector.
+
+    ``path`` must end in ``.prom`` and sit in the folder node_exporter reads
+    (--collector.textfile.directory). prometheus_client writes a temporary file
+    and renames it, so node_exporter never reads a partial file. The series get
+    job="node" when Prometheus scrapes them.
+    """
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(INGEST_TILES)
+    registry.register(INGEST_SLIDES)
+    write_to_textfile(str(path), registry)
