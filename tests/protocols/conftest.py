@@ -100,6 +100,7 @@ class LiveServer:
     def __init__(self, root: Path, store: Path, aliases: dict[str, str]) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
+        store.parent.mkdir(parents=True, exist_ok=True)
         config = store.parent / "tiled.yaml"
         lines = [
             "slides:",
