@@ -43,8 +43,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def http_get(url: str, headers: dict[str, str] | None = None,
-             method: str = "GET", timeout: float = 60) -> tuple[int, dict, bytes]:
+def http_get(
+    url: str,
+    headers: dict[str, str] | None = None,
+    method: str = "GET",
+    timeout: float = 60,
+) -> tuple[int, dict, bytes]:
     """Fetch a URL; return (status, headers, body) also for error statuses."""
     request = urllib.request.Request(url, headers=headers or {}, method=method)
     try:
@@ -57,8 +61,13 @@ def http_get(url: str, headers: dict[str, str] | None = None,
 class Daemon:
     """A ``tiled serve`` subprocess on a loopback port."""
 
-    def __init__(self, roots: list[Path], store: Path, extra_config: dict | None = None,
-                 workers: int = 1) -> None:
+    def __init__(
+        self,
+        roots: list[Path],
+        store: Path,
+        extra_config: dict | None = None,
+        workers: int = 1,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.store = store
@@ -80,7 +89,9 @@ class Daemon:
         env.pop("TILED_CONFIG", None)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tiled", "serve", "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -93,8 +104,9 @@ class Daemon:
             time.sleep(0.1)
         raise RuntimeError(f"daemon did not start: {self.log_path.read_text()}")
 
-    def get(self, path: str, headers: dict[str, str] | None = None,
-            method: str = "GET") -> tuple[int, dict, bytes]:
+    def get(
+        self, path: str, headers: dict[str, str] | None = None, method: str = "GET"
+    ) -> tuple[int, dict, bytes]:
         return http_get(self.url + path, headers, method)
 
     def get_json(self, path: str) -> object:
@@ -143,10 +155,12 @@ def make_daemon(tmp_path: Path) -> Iterator:
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder of synthetic slides with odd geometry, made once per session."""
     root = tmp_path_factory.mktemp("synthetic")
-    write_slide(root / "odd.svs", 4875, 4071, aperio=True,
-                label_text="DOE^JANE\nMRN 0012345")
-    write_slide(root / "lossless.tif", 1500, 1100, compression="zlib",
-                downsamples=(1, 4))
+    write_slide(
+        root / "odd.svs", 4875, 4071, aperio=True, label_text="DOE^JANE\nMRN 0012345"
+    )
+    write_slide(
+        root / "lossless.tif", 1500, 1100, compression="zlib", downsamples=(1, 4)
+    )
     # Sparse: only every 37th level-0 tile is stored; the rest are absent.
     write_slide(root / "sparse.tif", 30000, 26319, downsamples=(1,), sparse_every=37)
     return root

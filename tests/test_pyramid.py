@@ -11,8 +11,13 @@ from tiled.pyramid import DeepZoomGeometry, downsample_2x
 from tiled.readers.base import Level
 
 
-def geometry_for(width: int, height: int, tile: int = 256, overlap: int = 0,
-                 levels: list[Level] | None = None) -> DeepZoomGeometry:
+def geometry_for(
+    width: int,
+    height: int,
+    tile: int = 256,
+    overlap: int = 0,
+    levels: list[Level] | None = None,
+) -> DeepZoomGeometry:
     levels = levels or [Level(width, height, tile, tile, 1.0)]
     return DeepZoomGeometry(levels, tile, overlap)
 
@@ -49,7 +54,12 @@ def test_sparse_slide_exact_geometry():
     box = geometry.tile_box(15, 117, 102)
     assert (box.width, box.height) == (30000 - 117 * 256, 26319 - 102 * 256)
     assert geometry.level_tiles[-6:] == [
-        (4, 4), (8, 7), (15, 13), (30, 26), (59, 52), (118, 103)
+        (4, 4),
+        (8, 7),
+        (15, 13),
+        (30, 26),
+        (59, 52),
+        (118, 103),
     ]
     # 12154 + 3068 + 780 + 195 + 56 + 16 + 4, plus nine 1x1 levels.
     assert sum(c * r for c, r in geometry.level_tiles) == 16282

@@ -75,8 +75,9 @@ def test_tiles_match_openslide(daemon, relative):
     ident = slide_id(daemon, relative)
     meta = daemon.get_json(f"/slides/{ident}")
     tile_size = meta["deepzoom"]["tile_size"]
-    oracle = DeepZoomGenerator(openslide.OpenSlide(path), tile_size=tile_size,
-                               overlap=0, limit_bounds=False)
+    oracle = DeepZoomGenerator(
+        openslide.OpenSlide(path), tile_size=tile_size, overlap=0, limit_bounds=False
+    )
     assert meta["deepzoom"]["level_count"] == oracle.level_count
     assert [tuple(d) for d in meta["deepzoom"]["level_dimensions"]] == list(
         oracle.level_dimensions

@@ -86,9 +86,13 @@ def test_slide_metadata_withholds_patient_fields(daemon):
 
 def test_edge_tiles_have_exact_sizes(daemon):
     slide_id = daemon.slide_id("odd.svs")
-    for z, col, row, size in [(13, 19, 15, (11, 231)), (13, 0, 0, (256, 256)),
-                              (12, 9, 7, (2438 - 9 * 256, 2036 - 7 * 256)),
-                              (0, 0, 0, (1, 1)), (1, 0, 0, (2, 1))]:
+    for z, col, row, size in [
+        (13, 19, 15, (11, 231)),
+        (13, 0, 0, (256, 256)),
+        (12, 9, 7, (2438 - 9 * 256, 2036 - 7 * 256)),
+        (0, 0, 0, (1, 1)),
+        (1, 0, 0, (2, 1)),
+    ]:
         status, _, body = daemon.get(tile_url(slide_id, z, col, row))
         assert status == 200, body
         image = Image.open(io.BytesIO(body))
@@ -171,8 +175,9 @@ def test_conditional_request_and_head(daemon):
 
 def test_cors_headers(daemon):
     slide_id = daemon.slide_id("odd.svs")
-    status, headers, _ = daemon.get(tile_url(slide_id, 13, 0, 0),
-                                    {"Origin": "https://viewer.example"})
+    status, headers, _ = daemon.get(
+        tile_url(slide_id, 13, 0, 0), {"Origin": "https://viewer.example"}
+    )
     assert headers["Access-Control-Allow-Origin"] == "*"
     status, headers, _ = daemon.get(tile_url(slide_id, 13, 0, 0), method="OPTIONS")
     assert status == 204
@@ -234,7 +239,7 @@ def test_metrics_count_tiles(daemon):
     status, headers, body = daemon.get("/metrics")
     assert status == 200
     text = body.decode()
-    assert 'tiled_tiles_served_total{' in text
+    assert "tiled_tiles_served_total{" in text
     assert 'cache="hit"' in text
     assert "tiled_store_size_bytes" in text
     assert slide_id not in text
@@ -261,7 +266,5 @@ def test_tiles_survive_restart(daemon, tmp_path):
     _, _, second = daemon.get(url)
     assert first == second
     _, _, body = daemon.get("/metrics")
-    hits = re.search(
-        rb'tiled_store_reads_total\{result="hit"\} ([0-9.e+]+)', body
-    )
+    hits = re.search(rb'tiled_store_reads_total\{result="hit"\} ([0-9.e+]+)', body)
     assert hits and float(hits[1]) >= 1

@@ -36,7 +36,9 @@ def test_register_keeps_generation_for_same_source(tmp_path):
 def test_changed_source_drops_old_tiles(tmp_path):
     store = Store(tmp_path / "store")
     old = store.register_slide(RECORD)
-    store.put_tiles([(tile_key("slide1", old["generation"], "v", 0, 0, 0), jpeg_tile())])
+    store.put_tiles(
+        [(tile_key("slide1", old["generation"], "v", 0, 0, 0), jpeg_tile())]
+    )
     changed = dict(RECORD, source={"path": "a.svs", "size": 2, "mtime_ns": 2})
     new = store.register_slide(changed)
     assert new["generation"] == 2
@@ -48,8 +50,13 @@ def test_map_grows_when_full(tmp_path):
     record = store.register_slide(RECORD)
     for row in range(40):
         store.put_tiles(
-            [(tile_key("slide1", record["generation"], "v", 0, col, row),
-              jpeg_tile(20_000)) for col in range(10)]
+            [
+                (
+                    tile_key("slide1", record["generation"], "v", 0, col, row),
+                    jpeg_tile(20_000),
+                )
+                for col in range(10)
+            ]
         )
     usage = store.usage()
     assert usage["map_size"] > 1 << 20
@@ -64,8 +71,13 @@ def test_map_ceiling_gives_store_full(tmp_path):
     with pytest.raises(StoreFull, match="max_map_size_bytes"):
         for row in range(100):
             store.put_tiles(
-                [(tile_key("slide1", record["generation"], "v", 1, col, row),
-                  jpeg_tile(50_000)) for col in range(4)]
+                [
+                    (
+                        tile_key("slide1", record["generation"], "v", 1, col, row),
+                        jpeg_tile(50_000),
+                    )
+                    for col in range(4)
+                ]
             )
     assert store.get_tile("slide1", record["generation"], "v", 0, 0, 0) is not None
 
@@ -94,8 +106,13 @@ def test_full_disk_keeps_store_readable(small_disk):
     with pytest.raises(StoreFull, match="disk is full"):
         for row in range(1, 200):
             store.put_tiles(
-                [(tile_key("slide1", generation, "v", 0, col, row),
-                  jpeg_tile(20_000)) for col in range(8)]
+                [
+                    (
+                        tile_key("slide1", generation, "v", 0, col, row),
+                        jpeg_tile(20_000),
+                    )
+                    for col in range(8)
+                ]
             )
     assert store.get_tile("slide1", generation, "v", 0, 0, 0) is not None
     store.close()
@@ -128,14 +145,22 @@ def _staged_tiles(store_path: Path, slide_id: str) -> int:
 
 
 def test_sigkill_during_ingest_leaves_slide_absent_or_complete(tmp_path):
-    slide = write_slide(tmp_path / "big.tif", 6000, 5000, downsamples=(1,),
-                        compression="zlib")
+    slide = write_slide(
+        tmp_path / "big.tif", 6000, 5000, downsamples=(1,), compression="zlib"
+    )
     store_path = tmp_path / "store"
     entry = entry_for(slide, [])
-    command = [sys.executable, "-m", "tiled", "ingest", str(slide), "--store",
-               str(store_path), "--quiet"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE)
+    command = [
+        sys.executable,
+        "-m",
+        "tiled",
+        "ingest",
+        str(slide),
+        "--store",
+        str(store_path),
+        "--quiet",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     staged = 0
     while time.monotonic() < deadline and process.poll() is None:
