@@ -89,9 +89,9 @@ def error_ratio_alerts(thresholds: dict[str, Any]) -> list[dict[str, Any]]:
 def latency_burn_alerts(thresholds: dict[str, Any]) -> list[dict[str, Any]]:
     """Return the multiwindow burn-rate alerts of the tile latency objective.
 
-    Each alert needs both a long and a short window over the burn rate: the
-    long window proves the budget is really being spent, the short one that it
-    still is, so the alert resolves soon after the cause goes away.
+    Each alert needs both a long and a short window over the burn rate. The
+    long window shows that a real share of the budget is gone. The short one
+    shows that it is still going, so the alert resolves soon after a fix.
     """
     section = thresholds["latency_slo"]
     objective = section["objective"]
@@ -488,21 +488,30 @@ def dashboard(
     }
 
 
-def overview_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
-    """Return the fleet overview: RED per protocol, cache and bytes per node."""
+# Selectors of the overview panels.
+JOB = '{job="$job"}'
+NODES = '{job="$job", instance=~"$instance"}'
+INGEST = '{job=~"$job|node"}'
+
+# Selectors of the node view. Both exporters of a host share its name but not
+# its port, so the host variable drops the port and the selectors match any
+# port. Grafana inserts a single-value variable unescaped, so the dots of an
+# address match any character. That is harmless here, while ${host:regex}
+# would break the PromQL string with its single backslashes.
+NODE_TILED = '{job="$job", instance=~"$host:[0-9]+"}'
+NODE_HOST = '{job="node", instance=~"$host:[0-9]+"}'
+
+
+def _overview_summary_panels(thresholds: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return the stat panels along the top of the overview."""
     errors = thresholds["error_ratio"]
     slo = thresholds["latency_slo"]
     error_steps = _threshold_steps(errors["warning"], errors["critical"])
-    budget = 1 - slo["objective"]
-    burn_steps = _threshold_steps(slo["warning_burn_rate"], slo["critical_burn_rate"])
-    job = '{job="$job"}'
-    nodes = '{job="$job", instance=~"$instance"}'
-    ingest = '{job=~"$job|node"}'
-    panels = [
+    return [
         panel(
             "Requests",
             "reqps",
-            [(f"job:tiled_http_requests:rate5m{job}", "{{job}}")],
+            [(f"job:tiled_http_requests:rate5m{JOB}", "{{job}}")],
             kind="stat",
             width=4,
             height=4,
@@ -510,7 +519,7 @@ def overview_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
         panel(
             "5xx error ratio",
             "percentunit",
-            [(f"job:tiled_http_request_errors:ratio_rate5m{job}", "{{job}}")],
+            [(f"job:tiled_http_request_errors:ratio_rate5m{JOB}", "{{job}}")],
             kind="stat",
             width=4,
             height=4,
@@ -536,7 +545,7 @@ def overview_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
         panel(
             "Tile cache hit ratio",
             "percentunit",
-            [(f"job:tiled_tile_cache_hit:ratio_rate5m{job}", "{{job}}")],
+            [(f"job:tiled_tile_cache_hit:ratio_rate5m{JOB}", "{{job}}")],
             kind="stat",
             width=4,
             height=4,
@@ -545,7 +554,7 @@ def overview_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
         panel(
             "Requests in flight",
             "short",
-            [(f"job:tiled_http_requests_in_flight:sum{job}", "{{job}}")],
+            [(f"job:tiled_http_requests_in_flight:sum{JOB}", "{{job}}")],
             kind="stat",
             width=4,
             height=4,
@@ -553,7 +562,7 @@ def overview_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
         panel(
             "Targets up",
             "percentunit",
-            [(f"job:up:ratio{job}", "{{job}}")],
+            [(f"job:up:ratio{JOB}", "{{job}}")],
             kind="stat",
             width=4,
             height=4,
@@ -562,31 +571,42 @@ def overview_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
                 1, 1 - thresholds["target_down"]["critical_share"], below=True
             ),
         ),
+    ]
+
+
+def _overview_request_panels(thresholds: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return the request rate, latency, error and burn-rate panels."""
+    errors = thresholds["error_ratio"]
+    slo = thresholds["latency_slo"]
+    error_steps = _threshold_steps(errors["warning"], errors["critical"])
+    budget = 1 - slo["objective"]
+    burn_steps = _threshold_steps(slo["warning_burn_rate"], slo["critical_burn_rate"])
+    return [
         panel(
             "Requests by route",
             "reqps",
-            [(f"job_route:tiled_http_requests:rate5m{job}", "{{route}}")],
+            [(f"job_route:tiled_http_requests:rate5m{JOB}", "{{route}}")],
             description="Requests per second by protocol route.",
         ),
         panel(
             "Requests by status class",
             "reqps",
-            [(f"job_status_class:tiled_http_requests:rate5m{job}", "{{status_class}}")],
+            [(f"job_status_class:tiled_http_requests:rate5m{JOB}", "{{status_class}}")],
         ),
         panel(
             "Latency by route",
             "s",
             [
                 (
-                    f"job_route:tiled_http_request_duration_seconds:p50_5m{job}",
+                    f"job_route:tiled_http_request_duration_seconds:p50_5m{JOB}",
                     "p50 {{route}}",
                 ),
                 (
-                    f"job_route:tiled_http_request_duration_seconds:p90_5m{job}",
+                    f"job_route:tiled_http_request_duration_seconds:p90_5m{JOB}",
                     "p90 {{route}}",
                 ),
                 (
-                    f"job_route:tiled_http_request_duration_seconds:p99_5m{job}",
+                    f"job_route:tiled_http_request_duration_seconds:p99_5m{JOB}",
                     "p99 {{route}}",
                 ),
             ],
@@ -596,7 +616,7 @@ def overview_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
         panel(
             "Errors by route",
             "percentunit",
-            [(f"job_route:tiled_http_request_errors:ratio_rate5m{job}", "{{route}}")],
+            [(f"job_route:tiled_http_request_errors:ratio_rate5m{JOB}", "{{route}}")],
             description="Share of requests answered with a 5xx status.",
             thresholds=error_steps,
         ),
@@ -605,15 +625,15 @@ def overview_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
             "short",
             [
                 (
-                    f"job:tiled_tile_requests_slow:ratio_rate5m{job} / {budget:g}",
+                    f"job:tiled_tile_requests_slow:ratio_rate5m{JOB} / {budget:g}",
                     "5m",
                 ),
                 (
-                    f"job:tiled_tile_requests_slow:ratio_rate1h{job} / {budget:g}",
+                    f"job:tiled_tile_requests_slow:ratio_rate1h{JOB} / {budget:g}",
                     "1h",
                 ),
                 (
-                    f"job:tiled_tile_requests_slow:ratio_rate6h{job} / {budget:g}",
+                    f"job:tiled_tile_requests_slow:ratio_rate6h{JOB} / {budget:g}",
                     "6h",
                 ),
             ],
@@ -623,15 +643,21 @@ def overview_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
             "exactly in 30 days.",
             thresholds=burn_steps,
         ),
+    ]
+
+
+def _overview_tile_panels(thresholds: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return the cache, bytes, tile, store and ingest panels."""
+    return [
         panel(
             "Cache hit ratio",
             "percentunit",
             [
                 (
-                    f"instance:tiled_tile_cache_hit:ratio_rate5m{nodes}",
+                    f"instance:tiled_tile_cache_hit:ratio_rate5m{NODES}",
                     "tiles {{instance}}",
                 ),
-                (f"job:tiled_store_hit:ratio_rate5m{job}", "store lookups"),
+                (f"job:tiled_store_hit:ratio_rate5m{JOB}", "store lookups"),
             ],
             maximum=1,
             description="Tiles served without generating them, per node, and "
@@ -640,19 +666,19 @@ def overview_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
         panel(
             "Bytes sent per node",
             "Bps",
-            [(f"instance:tiled_http_response_bytes:rate5m{nodes}", "{{instance}}")],
+            [(f"instance:tiled_http_response_bytes:rate5m{NODES}", "{{instance}}")],
         ),
         panel(
             "Tiles by cache outcome",
             "ops",
-            [(f"job_cache:tiled_tiles_served:rate5m{job}", "{{cache}}")],
+            [(f"job_cache:tiled_tiles_served:rate5m{JOB}", "{{cache}}")],
         ),
         panel(
             "Tiles by pyramid level",
             "ops",
             [
                 (
-                    f"job_level_bucket:tiled_tiles_served:rate5m{job}",
+                    f"job_level_bucket:tiled_tiles_served:rate5m{JOB}",
                     "level {{level_bucket}}",
                 )
             ],
@@ -662,8 +688,8 @@ def overview_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
             "Tile generation",
             "s",
             [
-                (f"job:tiled_tile_generation_duration_seconds:p50_5m{job}", "p50"),
-                (f"job:tiled_tile_generation_duration_seconds:p99_5m{job}", "p99"),
+                (f"job:tiled_tile_generation_duration_seconds:p50_5m{JOB}", "p50"),
+                (f"job:tiled_tile_generation_duration_seconds:p99_5m{JOB}", "p99"),
             ],
             description="Time to make a tile missing from the store.",
         ),
@@ -671,26 +697,26 @@ def overview_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
             "Tiles generated and errors",
             "ops",
             [
-                (f"job:tiled_tiles_generated:rate5m{job}", "generated"),
-                (f"job:tiled_tile_errors:rate5m{job}", "read or decode errors"),
+                (f"job:tiled_tiles_generated:rate5m{JOB}", "generated"),
+                (f"job:tiled_tile_errors:rate5m{JOB}", "read or decode errors"),
             ],
         ),
         panel(
             "Store reads and writes",
             "ops",
             [
-                (f"job_result:tiled_store_reads:rate5m{job}", "read {{result}}"),
-                (f"job:tiled_store_writes:rate5m{job}", "write"),
-                (f"job:tiled_store_write_errors:rate5m{job}", "write error"),
+                (f"job_result:tiled_store_reads:rate5m{JOB}", "read {{result}}"),
+                (f"job:tiled_store_writes:rate5m{JOB}", "write"),
+                (f"job:tiled_store_write_errors:rate5m{JOB}", "write error"),
             ],
         ),
         panel(
             "Ingest",
             "short",
             [
-                (f"job:tiled_ingest_tiles:rate5m{ingest}", "tiles/s {{job}}"),
+                (f"job:tiled_ingest_tiles:rate5m{INGEST}", "tiles/s {{job}}"),
                 (
-                    f"job_result:tiled_ingest_slides:increase1h{ingest}",
+                    f"job_result:tiled_ingest_slides:increase1h{INGEST}",
                     "slides {{result}} in 1h {{job}}",
                 ),
             ],
@@ -698,6 +724,12 @@ def overview_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
             "hands its counts to node_exporter's textfile collector, so they "
             'carry job="node".',
         ),
+    ]
+
+
+def _overview_haproxy_panels(thresholds: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return the HAProxy panels."""
+    return [
         panel(
             "HAProxy responses by code",
             "reqps",
@@ -723,6 +755,16 @@ def overview_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
             ],
         ),
     ]
+
+
+def overview_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
+    """Return the fleet overview: RED per protocol, cache and bytes per node."""
+    panels = [
+        *_overview_summary_panels(thresholds),
+        *_overview_request_panels(thresholds),
+        *_overview_tile_panels(thresholds),
+        *_overview_haproxy_panels(thresholds),
+    ]
     variables = [
         _query_variable("job", "Job", "label_values(tiled_build_info, job)"),
         _query_variable(
@@ -741,23 +783,16 @@ def overview_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def node_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
-    """Return the per-host view: store, disk, CPU, memory and event loop."""
+def _node_summary_panels(thresholds: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return the stat panels along the top of the node view."""
     store = thresholds["store_map_usage"]
     disk = thresholds["disk_free"]
     lag = thresholds["event_loop_lag"]
-    # Both exporters of a host share its name but not its port, so the host
-    # variable drops the port and the selectors match any port. Grafana inserts
-    # a single-value variable unescaped, so the dots of an address match any
-    # character. That is harmless here; ${host:regex} would break the PromQL
-    # string with its single backslashes.
-    tiled = '{job="$job", instance=~"$host:[0-9]+"}'
-    node = '{job="node", instance=~"$host:[0-9]+"}'
-    panels = [
+    return [
         panel(
             "Store map usage",
             "percentunit",
-            [(f"instance:tiled_store_map_usage:ratio{tiled}", "{{instance}}")],
+            [(f"instance:tiled_store_map_usage:ratio{NODE_TILED}", "{{instance}}")],
             kind="stat",
             width=6,
             height=4,
@@ -767,7 +802,12 @@ def node_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
         panel(
             "Least free filesystem",
             "percentunit",
-            [(f"min(instance_mountpoint:node_filesystem_avail:ratio{node})", "free")],
+            [
+                (
+                    f"min(instance_mountpoint:node_filesystem_avail:ratio{NODE_HOST})",
+                    "free",
+                )
+            ],
             kind="stat",
             width=6,
             height=4,
@@ -777,7 +817,7 @@ def node_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
         panel(
             "Event-loop lag p99",
             "s",
-            [(f"max(instance:tiled_event_loop_lag_seconds:p99_5m{tiled})", "p99")],
+            [(f"max(instance:tiled_event_loop_lag_seconds:p99_5m{NODE_TILED})", "p99")],
             kind="stat",
             width=6,
             height=4,
@@ -788,31 +828,41 @@ def node_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
         panel(
             "Open slides",
             "short",
-            [(f"sum(tiled_open_slides{tiled})", "open")],
+            [(f"sum(tiled_open_slides{NODE_TILED})", "open")],
             kind="stat",
             width=6,
             height=4,
         ),
+    ]
+
+
+def _node_store_panels(thresholds: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return the tile store panels."""
+    store = thresholds["store_map_usage"]
+    return [
         panel(
             "Store size",
             "bytes",
             [
-                (f"tiled_store_size_bytes{tiled}", "in use {{instance}}"),
-                (f"tiled_store_map_size_bytes{tiled}", "map size {{instance}}"),
-                (f"tiled_store_map_limit_bytes{tiled}", "map limit {{instance}}"),
+                (f"tiled_store_size_bytes{NODE_TILED}", "in use {{instance}}"),
+                (f"tiled_store_map_size_bytes{NODE_TILED}", "map size {{instance}}"),
+                (f"tiled_store_map_limit_bytes{NODE_TILED}", "map limit {{instance}}"),
             ],
             description="LMDB bytes in use, the current map size (doubled when "
             "full) and its configured ceiling.",
         ),
         panel(
-            "Store map usage and growth",
+            "Store map usage over time",
             "percentunit",
             [
                 (
-                    f"instance:tiled_store_map_usage:ratio{tiled}",
+                    f"instance:tiled_store_map_usage:ratio{NODE_TILED}",
                     "of limit {{instance}}",
                 ),
-                (f"instance:tiled_store_map_fill:ratio{tiled}", "of map {{instance}}"),
+                (
+                    f"instance:tiled_store_map_fill:ratio{NODE_TILED}",
+                    "of map {{instance}}",
+                ),
             ],
             maximum=1,
             thresholds=_threshold_steps(store["warning"], store["critical"]),
@@ -820,15 +870,23 @@ def node_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
         panel(
             "Store growth",
             "Bps",
-            [(f"instance:tiled_store_size_bytes:deriv1h{tiled}", "{{instance}}")],
+            [(f"instance:tiled_store_size_bytes:deriv1h{NODE_TILED}", "{{instance}}")],
             description="Growth of the bytes in use, fitted over the last hour.",
         ),
+    ]
+
+
+def _node_host_panels(thresholds: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return the disk, CPU, memory, event loop and network panels."""
+    disk = thresholds["disk_free"]
+    lag = thresholds["event_loop_lag"]
+    return [
         panel(
             "Filesystem free",
             "percentunit",
             [
                 (
-                    f"instance_mountpoint:node_filesystem_avail:ratio{node}",
+                    f"instance_mountpoint:node_filesystem_avail:ratio{NODE_HOST}",
                     "{{mountpoint}}",
                 )
             ],
@@ -838,21 +896,21 @@ def node_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
         panel(
             "CPU utilisation",
             "percentunit",
-            [(f"instance:node_cpu_utilisation:rate5m{node}", "{{instance}}")],
+            [(f"instance:node_cpu_utilisation:rate5m{NODE_HOST}", "{{instance}}")],
             maximum=1,
         ),
         panel(
             "Memory utilisation",
             "percentunit",
-            [(f"instance:node_memory_utilisation:ratio{node}", "{{instance}}")],
+            [(f"instance:node_memory_utilisation:ratio{NODE_HOST}", "{{instance}}")],
             maximum=1,
         ),
         panel(
             "Event-loop lag",
             "s",
             [
-                (f"instance:tiled_event_loop_lag_seconds:p50_5m{tiled}", "p50"),
-                (f"instance:tiled_event_loop_lag_seconds:p99_5m{tiled}", "p99"),
+                (f"instance:tiled_event_loop_lag_seconds:p50_5m{NODE_TILED}", "p50"),
+                (f"instance:tiled_event_loop_lag_seconds:p99_5m{NODE_TILED}", "p99"),
             ],
             description="How late a periodic timer fires. Lag delays every "
             "request of the worker.",
@@ -863,15 +921,23 @@ def node_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
         panel(
             "Requests of this node",
             "reqps",
-            [(f"instance:tiled_http_requests:rate5m{tiled}", "requests {{instance}}")],
+            [
+                (
+                    f"instance:tiled_http_requests:rate5m{NODE_TILED}",
+                    "requests {{instance}}",
+                )
+            ],
         ),
         panel(
             "Network",
             "Bps",
             [
-                (f"instance:tiled_http_response_bytes:rate5m{tiled}", "tiled bodies"),
-                (f"instance:node_network_transmit_bytes:rate5m{node}", "transmit"),
-                (f"instance:node_network_receive_bytes:rate5m{node}", "receive"),
+                (
+                    f"instance:tiled_http_response_bytes:rate5m{NODE_TILED}",
+                    "tiled bodies",
+                ),
+                (f"instance:node_network_transmit_bytes:rate5m{NODE_HOST}", "transmit"),
+                (f"instance:node_network_receive_bytes:rate5m{NODE_HOST}", "receive"),
             ],
             description="Response bodies sent by tiled and interface traffic "
             "without loopback.",
@@ -880,15 +946,24 @@ def node_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
             "Slides, requests in flight and worker exits",
             "short",
             [
-                (f"tiled_slides{tiled}", "slides known"),
-                (f"tiled_open_slides{tiled}", "slides open"),
-                (f"tiled_http_requests_in_flight{tiled}", "requests in flight"),
+                (f"tiled_slides{NODE_TILED}", "slides known"),
+                (f"tiled_open_slides{NODE_TILED}", "slides open"),
+                (f"tiled_http_requests_in_flight{NODE_TILED}", "requests in flight"),
                 (
-                    f"instance:tiled_worker_exits:increase1h{tiled}",
+                    f"instance:tiled_worker_exits:increase1h{NODE_TILED}",
                     "worker exits in 1h",
                 ),
             ],
         ),
+    ]
+
+
+def node_dashboard(thresholds: dict[str, Any]) -> dict[str, Any]:
+    """Return the per-host view: store, disk, CPU, memory and event loop."""
+    panels = [
+        *_node_summary_panels(thresholds),
+        *_node_store_panels(thresholds),
+        *_node_host_panels(thresholds),
     ]
     variables = [
         _query_variable("job", "Job", "label_values(tiled_build_info, job)"),

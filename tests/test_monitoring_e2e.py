@@ -70,7 +70,7 @@ def http_get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
 
 
 def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 30.0) -> None:
-    """Poll ``url`` until it returns 200; fail early if ``process`` exits."""
+    """Poll ``url`` until it returns 200, and fail early if ``process`` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -249,7 +249,7 @@ def start_prometheus(
 
 
 def prometheus_query(port: int, query: str) -> dict[str, Any]:
-    """Run an instant query; return the decoded API response, errors included."""
+    """Run an instant query and return the decoded API response, errors included."""
     url = f"http://{HOST}:{port}/api/v1/query?" + urllib.parse.urlencode(
         {"query": query}
     )
@@ -300,7 +300,7 @@ def tile_urls(base: str, slide: dict[str, Any], tile_size: int = 256) -> list[st
 
 
 def missing_tile_urls(base: str, slide: dict[str, Any], count: int) -> list[str]:
-    """Return URLs that must answer 404: tiles past the edge, an unknown slide."""
+    """Return URLs that must return 404: tiles past the edge, an unknown slide."""
     max_level = math.ceil(math.log2(max(slide["width"], slide["height"])))
     prefix = f"{base}/slides/{slide['id']}_files/{max_level}"
     urls = [f"{prefix}/{100 + index}_0.jpeg" for index in range(count // 2)]
@@ -312,7 +312,7 @@ def missing_tile_urls(base: str, slide: dict[str, Any], count: int) -> list[str]
 
 
 def fetch_all(urls: list[str]) -> Counter[int]:
-    """GET every URL with four clients at once; return the count per status."""
+    """GET every URL with four clients at once and count the statuses."""
     with ThreadPoolExecutor(max_workers=4) as pool:
         statuses = list(pool.map(lambda url: http_get(url)[0], urls))
     return Counter(statuses)
@@ -517,7 +517,7 @@ def test_dashboard_variable_returns_values(stack, name, query):
 
 
 def test_request_counts_reach_prometheus(stack):
-    # Every tile request passed HAProxy to tiled; the scraped counters agree.
+    # Every tile request passed HAProxy to tiled, and the scraped counters agree.
     port = stack["ports"]["prom"]
     expected = {"2xx": 3 * stack["tiles"] + 1, "4xx": 3 * 40}
     for status_class, count in expected.items():
