@@ -428,3 +428,25 @@ def cluster(workdir: Path, public_key: str) -> Iterator[Cluster]:
         errors = nodes.close()
         if errors:
             raise RuntimeError("teardown left resources behind:\n" + "\n".join(errors))
+
+
+def leftovers(workdir: Path) -> list[str]:
+    """List resources of a test run under ``workdir`` that are still held."""
+    found = []
+    netns = run("ip", "netns", "list", check=False).stdout.split()
+    found += [f"netns {name}" for name in netns if name.startswith("tiledt-")]
+    if run("ip", "link", "show", BRIDGE, check=False).returncode == 0:
+        found.append(f"bridge {BRIDGE}")
+    prefix = str(workdir.resolve())
+    for line in run(
+        "losetup", "-n", "-O", "NAME,BACK-FILE", check=False
+    ).stdout.splitlines():
+        name, _, backing = line.strip().partition(" ")
+        if backing.strip().startswith(prefix):
+            found.append(f"loop {name} ({backing.strip()})")
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            mount_point = line.split()[4]
+            if mount_point.startswith(prefix):
+                found.append(f"mount {mount_point}")
+    return found
