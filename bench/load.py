@@ -27,7 +27,9 @@ class Tile:
     row: int
 
 
-def deepzoom_levels(width: int, height: int, tile_size: int) -> list[tuple[int, int, int]]:
+def deepzoom_levels(
+    width: int, height: int, tile_size: int
+) -> list[tuple[int, int, int]]:
     """Return (level, columns, rows) for every DeepZoom level, highest first.
 
     The DeepZoom format halves the image per level, rounding up, down to 1x1 at
@@ -39,11 +41,13 @@ def deepzoom_levels(width: int, height: int, tile_size: int) -> list[tuple[int, 
         scale = 2 ** (max_level - level)
         level_width = math.ceil(width / scale)
         level_height = math.ceil(height / scale)
-        levels.append((
-            level,
-            math.ceil(level_width / tile_size),
-            math.ceil(level_height / tile_size),
-        ))
+        levels.append(
+            (
+                level,
+                math.ceil(level_width / tile_size),
+                math.ceil(level_height / tile_size),
+            )
+        )
     return levels
 
 
@@ -81,10 +85,10 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
         if marker == 0xFF:
             offset += 1
             continue
-        (length,) = struct.unpack(">H", data[offset + 2:offset + 4])
+        (length,) = struct.unpack(">H", data[offset + 2 : offset + 4])
         # SOF0-SOF15 carry the frame size, except DHT (C4), JPG (C8), DAC (CC).
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            height, width = struct.unpack(">HH", data[offset + 5:offset + 9])
+            height, width = struct.unpack(">HH", data[offset + 5 : offset + 9])
             return width, height
         offset += 2 + length
     return None
@@ -160,7 +164,9 @@ def parse_wrk(output: str) -> dict:
     match = re.search(
         r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
     )
-    result["socket_errors"] = sum(int(group) for group in match.groups()) if match else 0
+    result["socket_errors"] = (
+        sum(int(group) for group in match.groups()) if match else 0
+    )
     return result
 
 
@@ -183,9 +189,11 @@ def process_group_cpu_seconds(group: int) -> float:
 
 
 def cpu_busy_seconds() -> dict[str, float]:
-    """Return busy (non-idle, non-iowait) seconds per CPU from /proc/stat.
+    """Return the seconds each CPU spent running processes, from /proc/stat.
 
-    Steal time counts as busy, since the guest could not run then either.
+    That is user, nice, system and steal time. Interrupt and softirq time is
+    left out because much of it is the loopback traffic of the benchmark itself.
+    Steal time counts because the guest could not run then either.
     """
     ticks_per_second = os.sysconf("SC_CLK_TCK")
     busy = {}
@@ -193,9 +201,10 @@ def cpu_busy_seconds() -> dict[str, float]:
         name, *values = line.split()
         if not name.startswith("cpu") or name == "cpu":
             continue
-        ticks = [int(value) for value in values]
-        idle = ticks[3] + ticks[4]
-        busy[name[3:]] = (sum(ticks[:8]) - idle) / ticks_per_second
+        user, nice, system, _idle, _iowait, _irq, _softirq, steal = (
+            int(value) for value in values[:8]
+        )
+        busy[name[3:]] = (user + nice + system + steal) / ticks_per_second
     return busy
 
 
@@ -215,9 +224,17 @@ def run_wrk(
     run. A CPU busier than the server and wrk together ran other work too.
     """
     command = [
-        "taskset", "-c", client_cpu,
-        "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s:g}s",
-        "--latency", "-s", str(LUA_SCRIPT), f"http://127.0.0.1:{port}",
+        "taskset",
+        "-c",
+        client_cpu,
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{duration_s:g}s",
+        "--latency",
+        "-s",
+        str(LUA_SCRIPT),
+        f"http://127.0.0.1:{port}",
     ]
     environment = dict(os.environ, BENCH_URLS=str(urls_file))
     log.debug("run %s", " ".join(command))
@@ -226,16 +243,24 @@ def run_wrk(
     busy_before = cpu_busy_seconds()
     started = time.monotonic()
     completed = subprocess.run(
-        command, env=environment, capture_output=True, text=True,
-        timeout=duration_s + 60, check=True,
+        command,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=duration_s + 60,
+        check=True,
     )
     elapsed = time.monotonic() - started
     busy_after = cpu_busy_seconds()
     client_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     server_after = sum(process_group_cpu_seconds(group) for group in server_groups)
     parsed = parse_wrk(completed.stdout)
-    client_seconds = (client_after.ru_utime + client_after.ru_stime
-                      - client_before.ru_utime - client_before.ru_stime)
+    client_seconds = (
+        client_after.ru_utime
+        + client_after.ru_stime
+        - client_before.ru_utime
+        - client_before.ru_stime
+    )
     parsed["client_cpu_percent"] = 100.0 * client_seconds / elapsed
     if server_groups:
         parsed["server_cpu_percent"] = 100.0 * (server_after - server_before) / elapsed

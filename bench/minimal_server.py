@@ -83,7 +83,7 @@ class TileProtocol:
             if end < 0:
                 return
             head = self.buffer[:end]
-            self.buffer = self.buffer[end + 4:]
+            self.buffer = self.buffer[end + 4 :]
             line = head.split(b"\r\n", 1)[0]
             parts = line.split(b" ")
             body = None
@@ -96,11 +96,13 @@ class TileProtocol:
                         body = txn.get(path[1:-4])
             if body is None:
                 self.transport.write(
-                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+                )
                 continue
             self.transport.write(
                 b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n"
-                b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                b"Content-Length: %d\r\n\r\n" % len(body) + body
+            )
 
     def eof_received(self) -> None:
         return None
@@ -116,8 +118,9 @@ def serve_protocol(store: Path, host: str, port: int) -> None:
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: TileProtocol(env), host, port,
-                                          backlog=1024)
+        server = await loop.create_server(
+            lambda: TileProtocol(env), host, port, backlog=1024
+        )
         async with server:
             await server.serve_forever()
 
@@ -134,8 +137,9 @@ def main(argv: list[str]) -> int:
     serve_parser.add_argument("store", type=Path)
     serve_parser.add_argument("--host", default="127.0.0.1")
     serve_parser.add_argument("--port", type=int, default=8001)
-    serve_parser.add_argument("--protocol", action="store_true",
-                              help="use TileProtocol instead of aiohttp")
+    serve_parser.add_argument(
+        "--protocol", action="store_true", help="use TileProtocol instead of aiohttp"
+    )
     args = parser.parse_args(argv)
     if args.command == "load":
         count = load_tree(args.tree, args.store)

@@ -6,6 +6,7 @@ CPU, and writes its configuration and logs under one run folder.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -35,8 +36,14 @@ def free_port() -> int:
 class Process:
     """A child process in its own session, so stopping it reaches its children."""
 
-    def __init__(self, name: str, command: list[str], log_path: Path,
-                 cpu: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        command: list[str],
+        log_path: Path,
+        cpu: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.command = ["taskset", "-c", cpu, *command]
         self.log_path = log_path
@@ -47,8 +54,11 @@ class Process:
         log.info("start %s: %s", self.name, " ".join(self.command))
         log_file = self.log_path.open("ab")
         self.popen = subprocess.Popen(
-            self.command, stdout=log_file, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            self.command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
             env=None if self.env is None else dict(os.environ, **self.env),
         )
         log_file.close()
@@ -79,14 +89,13 @@ class Process:
             os.killpg(group, signal.SIGKILL)
             self.popen.wait(timeout=10)
         # Children such as iipsrv may outlive the group leader by a moment.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
-def wait_for_http(port: int, path: str, processes: list[Process],
-                  timeout_s: float = 60.0) -> bytes:
+def wait_for_http(
+    port: int, path: str, processes: list[Process], timeout_s: float = 60.0
+) -> bytes:
     """Poll GET path until it returns 200 and return the body."""
     deadline = time.monotonic() + timeout_s
     last_error = "no attempt"
@@ -105,8 +114,9 @@ def wait_for_http(port: int, path: str, processes: list[Process],
         except OSError as error:
             last_error = str(error)
         time.sleep(0.2)
-    raise TimeoutError(f"GET 127.0.0.1:{port}{path} not ready after "
-                       f"{timeout_s:.0f} s: {last_error}")
+    raise TimeoutError(
+        f"GET 127.0.0.1:{port}{path} not ready after {timeout_s:.0f} s: {last_error}"
+    )
 
 
 class Peer:
@@ -144,8 +154,10 @@ class Peer:
 
 class NginxPeer(Peer):
     name = "nginx static"
-    description = ("nginx, one worker, sendfile, open_file_cache, serving a "
-                   "vips dzsave tree (256 px, overlap 0, Q80)")
+    description = (
+        "nginx, one worker, sendfile, open_file_cache, serving a "
+        "vips dzsave tree (256 px, overlap 0, Q80)"
+    )
 
     def __init__(self, run_dir: Path, cpu: str, dz_dir: Path) -> None:
         super().__init__(run_dir, cpu)
@@ -184,9 +196,12 @@ http {{
     }}
 }}
 """)
-        process = Process(self.name, ["nginx", "-c", str(config), "-e",
-                                      str(self.run_dir / "error.log")],
-                          self.run_dir / "stdout.log", self.cpu)
+        process = Process(
+            self.name,
+            ["nginx", "-c", str(config), "-e", str(self.run_dir / "error.log")],
+            self.run_dir / "stdout.log",
+            self.cpu,
+        )
         process.start()
         self.processes.append(process)
         wait_for_http(self.port, "/slide.dzi", self.processes)
@@ -200,8 +215,19 @@ class MemcachedPeer:
 
     def __init__(self, run_dir: Path, cpu: str, memory_mb: int = 1024) -> None:
         self.port = free_port()
-        command = ["memcached", "-l", "127.0.0.1", "-p", str(self.port),
-                   "-U", "0", "-t", "1", "-m", str(memory_mb)]
+        command = [
+            "memcached",
+            "-l",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-U",
+            "0",
+            "-t",
+            "1",
+            "-m",
+            str(memory_mb),
+        ]
         if os.geteuid() == 0:
             command += ["-u", "root"]
         self.process = Process("memcached", command, run_dir / "memcached.log", cpu)
@@ -227,8 +253,11 @@ class IipPeer(Peer):
         self.name = "IIPImage + memcached" if memcached else "IIPImage"
         self.description = (
             "iipsrv.fcgi under lighttpd mod_fastcgi, one process, unix socket"
-            + (", tile responses cached in memcached" if memcached
-               else ", no memcached (decodes and re-encodes every tile)")
+            + (
+                ", tile responses cached in memcached"
+                if memcached
+                else ", no memcached (decodes and re-encodes every tile)"
+            )
         )
         super().__init__(run_dir, cpu)
         self.slide = slide.resolve()
@@ -274,25 +303,42 @@ fastcgi.server = (
     ))
 )
 """)
-        process = Process(self.name, ["lighttpd", "-D", "-f", str(config)],
-                          self.run_dir / "lighttpd.log", self.cpu)
+        process = Process(
+            self.name,
+            ["lighttpd", "-D", "-f", str(config)],
+            self.run_dir / "lighttpd.log",
+            self.cpu,
+        )
         process.start()
         self.processes.append(process)
-        wait_for_http(self.port, f"/fcgi-bin/iipsrv.fcgi?DeepZoom={self.slide}.dzi",
-                      self.processes)
+        wait_for_http(
+            self.port,
+            f"/fcgi-bin/iipsrv.fcgi?DeepZoom={self.slide}.dzi",
+            self.processes,
+        )
 
     def tile_path(self, tile: Tile) -> str:
-        return (f"/fcgi-bin/iipsrv.fcgi?DeepZoom={self.slide}_files/"
-                f"{tile.level}/{tile.col}_{tile.row}.jpg")
+        return (
+            f"/fcgi-bin/iipsrv.fcgi?DeepZoom={self.slide}_files/"
+            f"{tile.level}/{tile.col}_{tile.row}.jpg"
+        )
 
 
 class TiledPeer(Peer):
     name = "tiled"
-    description = ("tiled serve, one worker, access log off, tiles ingested "
-                   "into the LMDB store beforehand")
+    description = (
+        "tiled serve, one worker, access log off, tiles ingested "
+        "into the LMDB store beforehand"
+    )
 
-    def __init__(self, run_dir: Path, cpu: str, slide_dir: Path, store: Path,
-                 tiled_command: list[str]) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        cpu: str,
+        slide_dir: Path,
+        store: Path,
+        tiled_command: list[str],
+    ) -> None:
         super().__init__(run_dir, cpu)
         self.slide_dir = slide_dir.resolve()
         self.store = store.resolve()
@@ -308,9 +354,16 @@ class TiledPeer(Peer):
             return
         shutil.rmtree(self.store, ignore_errors=True)
         self.store.parent.mkdir(parents=True, exist_ok=True)
-        command = [*self.tiled_command, "ingest", str(slide.resolve()),
-                   "--root", str(self.slide_dir), "--store", str(self.store),
-                   "--quiet"]
+        command = [
+            *self.tiled_command,
+            "ingest",
+            str(slide.resolve()),
+            "--root",
+            str(self.slide_dir),
+            "--store",
+            str(self.store),
+            "--quiet",
+        ]
         log.info("run %s", " ".join(command))
         started = time.monotonic()
         subprocess.run(command, check=True)
@@ -320,9 +373,19 @@ class TiledPeer(Peer):
     def start(self) -> None:
         config = self.run_dir / "tiled.yaml"
         config.write_text("server:\n  workers: 1\n  access_log: false\n")
-        command = [*self.tiled_command, "serve", str(self.slide_dir),
-                   "--config", str(config), "--host", "127.0.0.1",
-                   "--port", str(self.port), "--store", str(self.store)]
+        command = [
+            *self.tiled_command,
+            "serve",
+            str(self.slide_dir),
+            "--config",
+            str(config),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--store",
+            str(self.store),
+        ]
         process = Process(self.name, command, self.run_dir / "tiled.log", self.cpu)
         process.start()
         self.processes.append(process)
@@ -342,17 +405,22 @@ class TiledPeer(Peer):
 class MinimalPeer(Peer):
     """bench/minimal_server.py: aiohttp + uvloop + LMDB with nothing else."""
 
-    def __init__(self, run_dir: Path, cpu: str, dz_dir: Path, store: Path,
-                 protocol: bool = False) -> None:
+    def __init__(
+        self, run_dir: Path, cpu: str, dz_dir: Path, store: Path, protocol: bool = False
+    ) -> None:
         self.protocol = protocol
         if protocol:
             self.name = "minimal uvloop protocol + LMDB"
-            self.description = ("bench/minimal_server.py --protocol: a bare "
-                                "asyncio.Protocol on uvloop, one LMDB get per request")
+            self.description = (
+                "bench/minimal_server.py --protocol: a bare "
+                "asyncio.Protocol on uvloop, one LMDB get per request"
+            )
         else:
             self.name = "minimal aiohttp + LMDB"
-            self.description = ("bench/minimal_server.py: aiohttp web.Application "
-                                "on uvloop, one LMDB get per request, no middleware")
+            self.description = (
+                "bench/minimal_server.py: aiohttp web.Application "
+                "on uvloop, one LMDB get per request, no middleware"
+            )
         super().__init__(run_dir, cpu)
         self.tree = dz_dir.resolve() / "slide_files"
         self.store = store.resolve()
@@ -362,15 +430,28 @@ class MinimalPeer(Peer):
         marker = self.store / ".bench-loaded"
         if not marker.exists():
             shutil.rmtree(self.store, ignore_errors=True)
-            subprocess.run([sys.executable, str(self.script), "load", str(self.tree),
-                            str(self.store)], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    str(self.script),
+                    "load",
+                    str(self.tree),
+                    str(self.store),
+                ],
+                check=True,
+            )
             marker.write_text(str(self.tree) + "\n")
-        command = [sys.executable, str(self.script), "serve", str(self.store),
-                   "--port", str(self.port)]
+        command = [
+            sys.executable,
+            str(self.script),
+            "serve",
+            str(self.store),
+            "--port",
+            str(self.port),
+        ]
         if self.protocol:
             command.append("--protocol")
-        process = Process(self.name, command,
-                          self.run_dir / "server.log", self.cpu)
+        process = Process(self.name, command, self.run_dir / "server.log", self.cpu)
         process.start()
         self.processes.append(process)
         wait_for_http(self.port, "/health", self.processes)

@@ -51,8 +51,9 @@ def summarize(folded: Path) -> tuple[int, collections.Counter, collections.Count
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("folded", type=Path, help="py-spy record --format raw output")
     parser.add_argument("--top", type=int, default=25, help="rows per table")
     args = parser.parse_args(argv)

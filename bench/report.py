@@ -52,14 +52,30 @@ def describe_machine() -> dict:
     }
 
 
+def usable_rounds(rounds: list[dict]) -> list[dict]:
+    """Return the clean rounds, or every round when none was clean."""
+    clean = [round_ for round_ in rounds if round_.get("clean", True)]
+    return clean or rounds
+
+
 def summarize(rounds: list[dict]) -> dict:
-    """Take the median of each figure over the rounds of one peer."""
-    summary = {}
-    for field in ("requests_per_second", "p50_ms", "p99_ms", "server_cpu_percent",
-                  "client_cpu_percent", "other_load_percent"):
+    """Take the median of each figure over the usable rounds of one peer."""
+    summary = {
+        "rounds_clean": sum(r.get("clean", True) for r in rounds),
+        "rounds_run": len(rounds),
+        "errors": sum(r["non_2xx"] + r["socket_errors"] for r in rounds),
+    }
+    rounds = usable_rounds(rounds)
+    for field in (
+        "requests_per_second",
+        "p50_ms",
+        "p99_ms",
+        "server_cpu_percent",
+        "client_cpu_percent",
+        "other_load_percent",
+    ):
         values = [round_[field] for round_ in rounds if round_.get(field) is not None]
         summary[field] = statistics.median(values) if values else None
-    summary["errors"] = sum(r["non_2xx"] + r["socket_errors"] for r in rounds)
     return summary
 
 
@@ -67,24 +83,37 @@ def median_ratio(rounds: list[dict], reference_rounds: list[dict]) -> float | No
     """Return the median over rounds of req/s divided by the reference's req/s.
 
     The peers take turns within a round, so pairing them round by round
-    cancels most of the drift in background load on a shared machine.
+    cancels most of the drift in background load on a shared machine. Pairs
+    where both rounds were clean are used when there are any.
     """
-    ratios = [
-        mine["requests_per_second"] / theirs["requests_per_second"]
+    pairs = [
+        (mine, theirs)
         for mine, theirs in zip(rounds, reference_rounds, strict=False)
         if theirs["requests_per_second"] > 0
+    ]
+    clean_pairs = [
+        (mine, theirs)
+        for mine, theirs in pairs
+        if mine.get("clean", True) and theirs.get("clean", True)
+    ]
+    ratios = [
+        mine["requests_per_second"] / theirs["requests_per_second"]
+        for mine, theirs in clean_pairs or pairs
     ]
     return statistics.median(ratios) if ratios else None
 
 
 def add_ratios(summaries: dict[str, dict], peer_results: dict[str, dict]) -> None:
     """Store each peer's ratios to nginx and to IIPImage + memcached."""
-    for reference, field in (("nginx static", "ratio_to_nginx"),
-                             ("IIPImage + memcached", "ratio_to_iip_memcached")):
+    for reference, field in (
+        ("nginx static", "ratio_to_nginx"),
+        ("IIPImage + memcached", "ratio_to_iip_memcached"),
+    ):
         for name, summary in summaries.items():
             if reference in peer_results:
-                summary[field] = median_ratio(peer_results[name]["rounds"],
-                                              peer_results[reference]["rounds"])
+                summary[field] = median_ratio(
+                    peer_results[name]["rounds"], peer_results[reference]["rounds"]
+                )
             else:
                 summary[field] = None
 
@@ -99,21 +128,38 @@ def evaluate_targets(summaries: dict[str, dict], connections: int) -> list[dict]
     targets = []
     if iip is not None:
         value = tiled["ratio_to_iip_memcached"]
-        targets.append({"target": "tiled >= 3x IIPImage + memcached (req/s)",
-                        "value": f"{value:.2f}x" if value else "n/a",
-                        "passed": bool(value and value >= 3.0)})
+        targets.append(
+            {
+                "target": "tiled >= 3x IIPImage + memcached (req/s)",
+                "value": f"{value:.2f}x" if value else "n/a",
+                "passed": bool(value and value >= 3.0),
+            }
+        )
     if nginx is not None:
         value = tiled["ratio_to_nginx"]
-        targets.append({"target": "tiled >= 0.3x nginx static (req/s)",
-                        "value": f"{value:.2f}x" if value else "n/a",
-                        "passed": bool(value and value >= 0.3)})
+        targets.append(
+            {
+                "target": "tiled >= 0.3x nginx static (req/s)",
+                "value": f"{value:.2f}x" if value else "n/a",
+                "passed": bool(value and value >= 0.3),
+            }
+        )
     p99 = tiled["p99_ms"]
-    targets.append({"target": f"tiled p99 < 10 ms at {connections} connections",
-                    "value": f"{p99:.2f} ms" if p99 is not None else "n/a",
-                    "passed": p99 is not None and p99 < 10.0})
+    targets.append(
+        {
+            "target": f"tiled p99 < 10 ms at {connections} connections",
+            "value": f"{p99:.2f} ms" if p99 is not None else "n/a",
+            "passed": p99 is not None and p99 < 10.0,
+        }
+    )
     if tiled["errors"]:
-        targets.append({"target": "tiled answers every request with 2xx",
-                        "value": f"{tiled['errors']} errors", "passed": False})
+        targets.append(
+            {
+                "target": "tiled answers every request with 2xx",
+                "value": f"{tiled['errors']} errors",
+                "passed": False,
+            }
+        )
     return targets
 
 
@@ -143,16 +189,18 @@ def render_section(result: dict) -> str:
         f"-d{settings['duration_s']:g}s, {settings['tiles']} distinct tiles over the "
         f"{settings['levels']} highest DeepZoom levels of a "
         f"{result['slide']['width']}x{result['slide']['height']} slide "
-        f"({result['slide']['source']}), median of {settings['rounds']} rounds "
-        "after one warm-up pass. The ratios are medians of the per-round ratios. "
+        f"({result['slide']['source']}), after one warm-up pass. Figures are "
+        "medians over the clean rounds (other load at most "
+        f"{settings['max_other_load_percent']:g} %), or over all rounds when none "
+        "was clean, and ratios are medians of the per-round ratios. "
         "CPU is the server's (all its processes) and wrk's use in percent of one "
         "core. Other load is the largest share of the server's or wrk's CPU that "
         "other processes on the machine took during the run.",
         "",
         "| peer | req/s | ratio to nginx | ratio to IIPImage + memcached "
-        "| p50 ms | p99 ms | server CPU % | wrk CPU % | other load % | errors "
-        "| mean tile bytes |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| p50 ms | p99 ms | server CPU % | wrk CPU % | other load % "
+        "| clean rounds | errors | mean tile bytes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, summary in summaries.items():
         lines.append(
@@ -164,12 +212,14 @@ def render_section(result: dict) -> str:
             f"| {format_number(summary['server_cpu_percent'])} "
             f"| {format_number(summary['client_cpu_percent'])} "
             f"| {format_number(summary['other_load_percent'])} "
+            f"| {summary['rounds_clean']}/{summary['rounds_run']} "
             f"| {summary['errors']} "
             f"| {format_number(result['peers'][name]['mean_tile_bytes'])} |"
         )
     for name in result.get("skipped", {}):
-        lines.append(f"| {name} | not run: {result['skipped'][name]} "
-                     "| | | | | | | | | |")
+        lines.append(
+            f"| {name} | not run: {result['skipped'][name]} | | | | | | | | | | |"
+        )
     targets = result.get("targets", [])
     if targets:
         lines += ["", "| target | measured | result |", "|---|---:|---|"]

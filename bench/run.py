@@ -12,7 +12,7 @@ import logging
 import os
 import shlex
 import shutil
-import statistics
+import signal
 import subprocess
 import sys
 import time
@@ -32,52 +32,112 @@ PEER_KEYS = ("nginx", "iip-memcached", "iip", "minimal", "minimal-protocol", "ti
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--duration", type=float, default=15.0,
-                        help="seconds of load per wrk run (default 15)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="wrk runs per peer; the table shows the median (default 3)")
-    parser.add_argument("--quick", action="store_true",
-                        help="short check: 3 s per run, 1 round")
-    parser.add_argument("--connections", type=int, default=32,
-                        help="open wrk connections (default 32)")
-    parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
-    parser.add_argument("--tiles", type=int, default=2000,
-                        help="distinct tile URLs cycled by wrk (default 2000)")
-    parser.add_argument("--levels", type=int, default=3,
-                        help="sample tiles from this many highest DeepZoom levels "
-                             "(default 3)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=15.0,
+        help="seconds of load per wrk run (default 15)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="wrk runs per peer; the table shows the median (default 3)",
+    )
+    parser.add_argument(
+        "--max-other-load",
+        type=float,
+        default=25.0,
+        help="a round counts only if other processes took at most "
+        "this percent of the server's or wrk's CPU (default 25)",
+    )
+    parser.add_argument(
+        "--max-rounds",
+        type=int,
+        default=None,
+        help="extra rounds allowed while rounds are not clean (default twice --rounds)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="short check: 3 s per run, 1 round"
+    )
+    parser.add_argument(
+        "--connections", type=int, default=32, help="open wrk connections (default 32)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="wrk threads (default 1)"
+    )
+    parser.add_argument(
+        "--tiles",
+        type=int,
+        default=2000,
+        help="distinct tile URLs cycled by wrk (default 2000)",
+    )
+    parser.add_argument(
+        "--levels",
+        type=int,
+        default=3,
+        help="sample tiles from this many highest DeepZoom levels (default 3)",
+    )
     parser.add_argument("--seed", type=int, default=1, help="seed of the tile sample")
     parser.add_argument("--width", type=int, default=40000, help="slide width in px")
     parser.add_argument("--height", type=int, default=30000, help="slide height in px")
-    parser.add_argument("--peers", default=",".join(PEER_KEYS),
-                        help=f"comma-separated subset of {','.join(PEER_KEYS)}")
-    parser.add_argument("--server-cpu", default="0",
-                        help="CPU list for the servers, as taskset takes it (default 0)")
-    parser.add_argument("--client-cpu", default="1",
-                        help="CPU list for wrk (default 1)")
-    parser.add_argument("--samples", type=Path,
-                        default=Path(os.environ.get("TILED_SAMPLES", "")) or None,
-                        help="folder with the sample slides; the slide is built from "
-                             "CMU-1-Small-Region.svs found there, else from a synthetic "
-                             "texture (default: $TILED_SAMPLES)")
-    parser.add_argument("--data-dir", type=Path, default=BENCH_DIR / ".data",
-                        help="cache of the slide, DeepZoom tree, tiled store and logs")
-    parser.add_argument("--tiled-command", default=None,
-                        help="command that runs the tiled CLI (default: `tiled` on "
-                             "PATH, else `python -m tiled.cli`)")
-    parser.add_argument("--profile", nargs="?", const="tiled", default=None,
-                        metavar="PEER",
-                        help="after the rounds, record PEER (default tiled) under "
-                             "load with py-spy")
-    parser.add_argument("--no-readme", action="store_true",
-                        help="write the JSON results but leave bench/README.md alone")
+    parser.add_argument(
+        "--peers",
+        default=",".join(PEER_KEYS),
+        help=f"comma-separated subset of {','.join(PEER_KEYS)}",
+    )
+    parser.add_argument(
+        "--server-cpu",
+        default="0",
+        help="CPU list for the servers, as taskset takes it (default 0)",
+    )
+    parser.add_argument(
+        "--client-cpu", default="1", help="CPU list for wrk (default 1)"
+    )
+    parser.add_argument(
+        "--samples",
+        type=Path,
+        default=Path(os.environ.get("TILED_SAMPLES", "")) or None,
+        help="folder with the sample slides; the slide is built from "
+        "CMU-1-Small-Region.svs found there, else from a synthetic "
+        "texture (default: $TILED_SAMPLES)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=BENCH_DIR / ".data",
+        help="cache of the slide, DeepZoom tree, tiled store and logs",
+    )
+    parser.add_argument(
+        "--tiled-command",
+        default=None,
+        help="command that runs the tiled CLI (default: `tiled` on "
+        "PATH, else `python -m tiled.cli`)",
+    )
+    parser.add_argument(
+        "--profile",
+        nargs="?",
+        const="tiled",
+        default=None,
+        metavar="PEER",
+        help="after the rounds, record PEER (default tiled) under load with py-spy",
+    )
+    parser.add_argument(
+        "--no-readme",
+        action="store_true",
+        help="write the JSON results but leave bench/README.md alone",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration = 3.0
         args.rounds = 1
+    if args.max_rounds is None:
+        args.max_rounds = 2 * args.rounds
+    args.max_rounds = max(args.max_rounds, args.rounds)
     args.peer_keys = [key.strip() for key in args.peers.split(",") if key.strip()]
     unknown = set(args.peer_keys) - set(PEER_KEYS)
     if unknown:
@@ -95,8 +155,9 @@ def resolve_tiled_command(option: str | None) -> list[str] | None:
     found = shutil.which("tiled")
     if found:
         return [found]
-    probe = subprocess.run([sys.executable, "-c", "import tiled.cli"],
-                           capture_output=True)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import tiled.cli"], capture_output=True
+    )
     if probe.returncode == 0:
         return [sys.executable, "-m", "tiled.cli"]
     return None
@@ -105,13 +166,15 @@ def resolve_tiled_command(option: str | None) -> list[str] | None:
 def prepare_slide(args: argparse.Namespace) -> slide.SlideInfo:
     data = args.data_dir
     samples = args.samples if args.samples else Path("/nonexistent")
-    info = slide.build_slide(data / "slide.tif", samples,
-                             args.width, args.height, args.seed)
+    info = slide.build_slide(
+        data / "slide.tif", samples, args.width, args.height, args.seed
+    )
     return info
 
 
-def build_peers(args: argparse.Namespace, info: slide.SlideInfo,
-                run_dir: Path) -> tuple[list[peers.Peer], dict[str, str]]:
+def build_peers(
+    args: argparse.Namespace, info: slide.SlideInfo, run_dir: Path
+) -> tuple[list[peers.Peer], dict[str, str]]:
     """Create the requested peers; return them and the ones skipped, with why."""
     built: list[peers.Peer] = []
     skipped: dict[str, str] = {}
@@ -125,9 +188,15 @@ def build_peers(args: argparse.Namespace, info: slide.SlideInfo,
             built.append(peers.IipPeer(run_dir, args.server_cpu, info.path, False))
         elif key in ("minimal", "minimal-protocol"):
             dz_dir = slide.build_dzsave_tree(info.path, args.data_dir / "dz")
-            built.append(peers.MinimalPeer(run_dir, args.server_cpu, dz_dir.parent,
-                                           args.data_dir / "minimal-lmdb",
-                                           protocol=key == "minimal-protocol"))
+            built.append(
+                peers.MinimalPeer(
+                    run_dir,
+                    args.server_cpu,
+                    dz_dir.parent,
+                    args.data_dir / "minimal-lmdb",
+                    protocol=key == "minimal-protocol",
+                )
+            )
         elif key == "tiled":
             command = resolve_tiled_command(args.tiled_command)
             if command is None:
@@ -140,22 +209,26 @@ def build_peers(args: argparse.Namespace, info: slide.SlideInfo,
             link = slide_dir / info.path.name
             link.unlink(missing_ok=True)
             os.link(info.path, link)
-            tiled = peers.TiledPeer(run_dir, args.server_cpu, slide_dir,
-                                    args.data_dir / "store", command)
+            tiled = peers.TiledPeer(
+                run_dir, args.server_cpu, slide_dir, args.data_dir / "store", command
+            )
             tiled.ingest(link)
             built.append(tiled)
         built[-1].option_key = key
     return built, skipped
 
 
-def check_sizes(reference: peers.Peer, reference_sizes: dict,
-                peer: peers.Peer, sizes: dict) -> list[str]:
+def check_sizes(
+    reference: peers.Peer, reference_sizes: dict, peer: peers.Peer, sizes: dict
+) -> list[str]:
     """List tiles whose JPEG frame size differs from the reference peer's."""
     problems = []
     for key, expected in reference_sizes.items():
         if sizes.get(key) != expected:
-            problems.append(f"{peer.name} tile {key} is {sizes.get(key)}, "
-                            f"{reference.name} returns {expected}")
+            problems.append(
+                f"{peer.name} tile {key} is {sizes.get(key)}, "
+                f"{reference.name} returns {expected}"
+            )
     return problems
 
 
@@ -175,8 +248,9 @@ def other_load(parsed: dict, args: argparse.Namespace) -> float | None:
     return max(0.0, server_other, client_other)
 
 
-def profile_peer(peer: peers.Peer, urls_file: Path, args: argparse.Namespace,
-                 out_dir: Path) -> dict:
+def profile_peer(
+    peer: peers.Peer, urls_file: Path, args: argparse.Namespace, out_dir: Path
+) -> dict:
     """Record py-spy stacks of a Python server while wrk loads it.
 
     Returns the paths of the speedscope and folded-stack files and the wrk
@@ -193,13 +267,33 @@ def profile_peer(peer: peers.Peer, urls_file: Path, args: argparse.Namespace,
     for fmt, suffix in (("speedscope", "speedscope.json"), ("raw", "folded.txt")):
         target = out_dir / f"{peer.key}-profile.{suffix}"
         recorder = subprocess.Popen(
-            [py_spy, "record", "--pid", pid, "--duration", str(seconds),
-             "--rate", "250", "--format", fmt, "--output", str(target), "--nonblocking"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            [
+                py_spy,
+                "record",
+                "--pid",
+                pid,
+                "--duration",
+                str(seconds),
+                "--rate",
+                "250",
+                "--format",
+                fmt,
+                "--output",
+                str(target),
+                "--nonblocking",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
         )
         time.sleep(0.5)
-        parsed, _ = load.run_wrk(peer.port, urls_file, seconds, args.connections,
-                                 args.threads, args.client_cpu)
+        parsed, _ = load.run_wrk(
+            peer.port,
+            urls_file,
+            seconds,
+            args.connections,
+            args.threads,
+            args.client_cpu,
+        )
         recorder.wait(timeout=seconds + 60)
         outputs[fmt] = str(target)
         outputs[f"wrk_under_{fmt}_profile"] = parsed
@@ -208,13 +302,15 @@ def profile_peer(peer: peers.Peer, urls_file: Path, args: argparse.Namespace,
 
 
 def measure(args: argparse.Namespace) -> dict:
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     machine = report.describe_machine()
     if (machine["nproc"] or 1) < 2 and args.client_cpu != args.server_cpu:
         log.warning("one CPU only: wrk and the servers share CPU %s", args.server_cpu)
         args.client_cpu = args.server_cpu
     info = prepare_slide(args)
-    tiles = load.sample_tiles(info.width, info.height, args.tiles, args.levels, args.seed)
+    tiles = load.sample_tiles(
+        info.width, info.height, args.tiles, args.levels, args.seed
+    )
     run_dir = args.data_dir / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
@@ -240,10 +336,15 @@ def measure(args: argparse.Namespace) -> dict:
             else:
                 problems += check_sizes(reference[0], reference[1], peer, warm.sizes)
             if problems:
-                log.error("%s: %d problems in the warm-up pass, first: %s",
-                          peer.name, len(problems), problems[0])
-            log.info("%s warmed up: %d tiles in %.1f s", peer.name, len(paths),
-                     warm_seconds)
+                log.error(
+                    "%s: %d problems in the warm-up pass, first: %s",
+                    peer.name,
+                    len(problems),
+                    problems[0],
+                )
+            log.info(
+                "%s warmed up: %d tiles in %.1f s", peer.name, len(paths), warm_seconds
+            )
             peer_results[peer.name] = {
                 "description": peer.description,
                 "example_url": paths[0],
@@ -254,38 +355,73 @@ def measure(args: argparse.Namespace) -> dict:
                 "rounds": [],
             }
 
-        for round_index in range(args.rounds):
+        round_index = 0
+        while True:
             for peer in built:
                 for process in peer.processes:
                     process.check_alive()
-                parsed, raw = load.run_wrk(peer.port, urls_files[peer.name],
-                                           args.duration, args.connections,
-                                           args.threads, args.client_cpu,
-                                           peer.server_pids())
+                parsed, raw = load.run_wrk(
+                    peer.port,
+                    urls_files[peer.name],
+                    args.duration,
+                    args.connections,
+                    args.threads,
+                    args.client_cpu,
+                    peer.server_pids(),
+                )
                 parsed["other_load_percent"] = other_load(parsed, args)
+                parsed["clean"] = (
+                    parsed["other_load_percent"] is None
+                    or parsed["other_load_percent"] <= args.max_other_load
+                )
                 (run_dir / f"{peer.key}.wrk{round_index}.txt").write_text(raw)
                 peer_results[peer.name]["rounds"].append(parsed)
-                log.info("round %d %-32s %9.0f req/s  p50 %6.2f ms  p99 %6.2f ms  "
-                         "CPU server %3.0f%% wrk %3.0f%% other %3.0f%%",
-                         round_index + 1, peer.name, parsed["requests_per_second"],
-                         parsed.get("p50_ms", float("nan")),
-                         parsed.get("p99_ms", float("nan")),
-                         parsed.get("server_cpu_percent", float("nan")),
-                         parsed["client_cpu_percent"],
-                         parsed.get("other_load_percent") or float("nan"))
+                log.info(
+                    "round %d %-32s %9.0f req/s  p50 %6.2f ms  p99 %6.2f ms  "
+                    "CPU server %3.0f%% wrk %3.0f%% other %3.0f%%",
+                    round_index + 1,
+                    peer.name,
+                    parsed["requests_per_second"],
+                    parsed.get("p50_ms", float("nan")),
+                    parsed.get("p99_ms", float("nan")),
+                    parsed.get("server_cpu_percent", float("nan")),
+                    parsed["client_cpu_percent"],
+                    parsed.get("other_load_percent") or float("nan"),
+                )
                 time.sleep(1.0)
+            round_index += 1
+            fewest_clean = min(
+                sum(round_["clean"] for round_ in result["rounds"])
+                for result in peer_results.values()
+            )
+            if round_index >= args.rounds and fewest_clean >= args.rounds:
+                break
+            if round_index >= args.max_rounds:
+                if fewest_clean < args.rounds:
+                    log.warning(
+                        "only %d rounds of some peer ran with other load "
+                        "under %.0f%%; the machine is busy",
+                        fewest_clean,
+                        args.max_other_load,
+                    )
+                break
+            if round_index >= args.rounds:
+                log.info("other processes loaded the CPUs; running one more round")
 
         if args.profile:
             profiled = [peer for peer in built if peer.option_key == args.profile]
             if profiled:
-                profile = profile_peer(profiled[0], urls_files[profiled[0].name], args,
-                                       run_dir)
+                profile = profile_peer(
+                    profiled[0], urls_files[profiled[0].name], args, run_dir
+                )
     finally:
         for peer in built:
             peer.stop()
 
-    summaries = {name: report.summarize(result["rounds"])
-                 for name, result in peer_results.items()}
+    summaries = {
+        name: report.summarize(result["rounds"])
+        for name, result in peer_results.items()
+    }
     for name, result in peer_results.items():
         summaries[name]["errors"] += result["warmup_problem_count"]
     report.add_ratios(summaries, peer_results)
@@ -293,17 +429,28 @@ def measure(args: argparse.Namespace) -> dict:
     return {
         "started": started.strftime("%Y-%m-%d %H:%M UTC"),
         "results_file": f"{stamp}.json",
-        "command": "python bench/run.py " + " ".join(
-            shlex.quote(arg) for arg in sys.argv[1:]),
+        "command": "python bench/run.py "
+        + " ".join(shlex.quote(arg) for arg in sys.argv[1:]),
         "machine": machine,
         "settings": {
-            "duration_s": args.duration, "rounds": args.rounds,
-            "connections": args.connections, "threads": args.threads,
-            "tiles": args.tiles, "levels": args.levels, "seed": args.seed,
-            "server_cpu": args.server_cpu, "client_cpu": args.client_cpu,
+            "duration_s": args.duration,
+            "rounds": args.rounds,
+            "connections": args.connections,
+            "threads": args.threads,
+            "tiles": args.tiles,
+            "levels": args.levels,
+            "seed": args.seed,
+            "server_cpu": args.server_cpu,
+            "client_cpu": args.client_cpu,
+            "max_other_load_percent": args.max_other_load,
+            "max_rounds": args.max_rounds,
         },
-        "slide": {"width": info.width, "height": info.height, "source": info.source,
-                  "bytes": info.path.stat().st_size},
+        "slide": {
+            "width": info.width,
+            "height": info.height,
+            "source": info.source,
+            "bytes": info.path.stat().st_size,
+        },
         "tile_levels": sorted({tile.level for tile in tiles}, reverse=True),
         "peers": peer_results,
         "summaries": summaries,
@@ -313,10 +460,18 @@ def measure(args: argparse.Namespace) -> dict:
     }
 
 
+def stop_on_sigterm(signum: int, frame: object) -> None:
+    """Turn SIGTERM into SystemExit so the servers started so far are stopped."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     result = measure(args)
     path = report.write_results(BENCH_DIR / "results", result)
     log.info("wrote %s", path)
@@ -326,7 +481,9 @@ def main(argv: list[str] | None = None) -> int:
         report.update_readme(BENCH_DIR / "README.md", section)
     failed = [target for target in result["targets"] if not target["passed"]]
     for target in failed:
-        log.warning("target missed: %s (measured %s)", target["target"], target["value"])
+        log.warning(
+            "target missed: %s (measured %s)", target["target"], target["value"]
+        )
     return 0
 
 

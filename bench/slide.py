@@ -50,11 +50,15 @@ def run_vips(*args: str) -> None:
 def read_size(path: Path) -> tuple[int, int]:
     width = subprocess.run(
         ["vipsheader", "-f", "width", str(path)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     height = subprocess.run(
         ["vipsheader", "-f", "height", str(path)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     return int(width), int(height)
 
@@ -91,40 +95,69 @@ def make_synthetic_source(work: Path, seed: int) -> Path:
 
     # Stroma: blurred noise mapped onto an eosin pink, each band with its own
     # gain so brighter noise goes paler rather than greyer.
-    run_vips("gaussnoise", str(noise), str(width), str(height),
-             "--sigma", "40", "--mean", "128", "--seed", str(seed))
+    run_vips(
+        "gaussnoise",
+        str(noise),
+        str(width),
+        str(height),
+        "--sigma",
+        "40",
+        "--mean",
+        "128",
+        "--seed",
+        str(seed),
+    )
     blurred = work / "noise_blur.v"
     run_vips("gaussblur", str(noise), str(blurred), "6")
     three = work / "noise3.v"
     run_vips("bandjoin", f"{blurred} {blurred} {blurred}", str(three))
-    run_vips("linear", str(three), str(stroma),
-             "0.25 0.6 0.35", "200 80 150", "--uchar")
+    run_vips(
+        "linear", str(three), str(stroma), "0.25 0.6 0.35", "200 80 150", "--uchar"
+    )
 
     # Nuclei: thresholded blobs of finer noise, filled with haematoxylin purple.
-    run_vips("gaussnoise", str(nuclei_noise), str(width), str(height),
-             "--sigma", "60", "--mean", "128", "--seed", str(seed + 1))
+    run_vips(
+        "gaussnoise",
+        str(nuclei_noise),
+        str(width),
+        str(height),
+        "--sigma",
+        "60",
+        "--mean",
+        "128",
+        "--seed",
+        str(seed + 1),
+    )
     nuclei_blur = work / "nuclei_blur.v"
     run_vips("gaussblur", str(nuclei_noise), str(nuclei_blur), "3")
     run_vips("relational_const", str(nuclei_blur), str(nuclei_mask), "more", "141")
     run_vips("black", str(purple), str(width), str(height), "--bands", "3")
     purple_tinted = work / "purple_tinted.v"
-    run_vips("linear", str(purple), str(purple_tinted),
-             "1 1 1", "95 60 140", "--uchar")
-    run_vips("ifthenelse", str(nuclei_mask), str(purple_tinted), str(stroma),
-             str(tissue))
+    run_vips("linear", str(purple), str(purple_tinted), "1 1 1", "95 60 140", "--uchar")
+    run_vips(
+        "ifthenelse", str(nuclei_mask), str(purple_tinted), str(stroma), str(tissue)
+    )
 
     # Glass: large smooth blobs of near-white where there is no tissue.
-    run_vips("gaussnoise", str(glass_noise), str(width), str(height),
-             "--sigma", "90", "--mean", "128", "--seed", str(seed + 2))
+    run_vips(
+        "gaussnoise",
+        str(glass_noise),
+        str(width),
+        str(height),
+        "--sigma",
+        "90",
+        "--mean",
+        "128",
+        "--seed",
+        str(seed + 2),
+    )
     glass_blur = work / "glass_blur.v"
     run_vips("gaussblur", str(glass_noise), str(glass_blur), "60")
     run_vips("relational_const", str(glass_blur), str(glass_mask), "more", "131")
     run_vips("black", str(white), str(width), str(height), "--bands", "3")
     white_tinted = work / "white_tinted.v"
-    run_vips("linear", str(white), str(white_tinted),
-             "1 1 1", "243 242 245", "--uchar")
-    run_vips("ifthenelse", str(glass_mask), str(white_tinted), str(tissue),
-             str(out))
+    run_vips("linear", str(white), str(white_tinted), "1 1 1", "243 242 245", "--uchar")
+    run_vips("ifthenelse", str(glass_mask), str(white_tinted), str(tissue), str(out))
     return out
 
 
@@ -137,8 +170,15 @@ def make_cell_pool(source: Path, work: Path, seed: int) -> list[Path]:
         left = rng.randint(0, source_width - CELL_WIDTH)
         top = rng.randint(0, source_height - CELL_HEIGHT)
         cropped = work / f"crop{index}.v"
-        run_vips("crop", str(source), str(cropped),
-                 str(left), str(top), str(CELL_WIDTH), str(CELL_HEIGHT))
+        run_vips(
+            "crop",
+            str(source),
+            str(cropped),
+            str(left),
+            str(top),
+            str(CELL_WIDTH),
+            str(CELL_HEIGHT),
+        )
         flipped = cropped
         for direction in ("horizontal", "vertical"):
             if rng.random() < 0.5:
@@ -186,8 +226,7 @@ def build_slide(
         run_vips("copy", str(sample), str(source))
         source_name = f"tissue from {sample.name}"
     else:
-        log.warning("no tissue sample under %s, using a synthetic texture",
-                    samples_dir)
+        log.warning("no tissue sample under %s, using a synthetic texture", samples_dir)
         source = make_synthetic_source(work, seed)
         source_name = "synthetic H&E-like texture"
 
@@ -197,10 +236,12 @@ def build_slide(
     down = height // CELL_HEIGHT
     grid = [str(rng.choice(cells)) for _ in range(across * down)]
     partial = out.with_suffix(".partial.tif")
-    options = (f"[tile,pyramid,compression=jpeg,Q={quality},"
-               "tile-width=256,tile-height=256]")
-    run_vips("arrayjoin", " ".join(grid), f"{partial}{options}",
-             "--across", str(across))
+    options = (
+        f"[tile,pyramid,compression=jpeg,Q={quality},tile-width=256,tile-height=256]"
+    )
+    run_vips(
+        "arrayjoin", " ".join(grid), f"{partial}{options}", "--across", str(across)
+    )
     partial.rename(out)
     source_note.write_text(source_name + "\n")
     shutil.rmtree(work, ignore_errors=True)
@@ -216,7 +257,15 @@ def build_dzsave_tree(slide: Path, out_dir: Path, quality: int = 80) -> Path:
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     log.info("writing DeepZoom tree with vips dzsave to %s", out_dir)
-    run_vips("dzsave", str(slide), str(out_dir / "slide"),
-             "--tile-size", "256", "--overlap", "0",
-             "--suffix", f".jpg[Q={quality}]")
+    run_vips(
+        "dzsave",
+        str(slide),
+        str(out_dir / "slide"),
+        "--tile-size",
+        "256",
+        "--overlap",
+        "0",
+        "--suffix",
+        f".jpg[Q={quality}]",
+    )
     return dzi
