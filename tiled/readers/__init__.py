@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from tiled.errors import CorruptSlide, TiledError, UnsupportedSlide
 from tiled.readers.base import Level, SlideReader, SourceIdentity
+from tiled.readers.ome import OmeTiffReader
 from tiled.readers.tiff import TiffReader
 
 __all__ = [
@@ -23,7 +24,7 @@ __all__ = [
 ]
 
 #: Readers tried in order. Later formats register themselves here.
-READERS: list[Callable[[str], SlideReader]] = [TiffReader]
+READERS: list[Callable[[str], SlideReader]] = [OmeTiffReader, TiffReader]
 
 #: File name suffixes the slide-root scan considers (lower case).
 SLIDE_SUFFIXES = {
@@ -56,6 +57,8 @@ def open_slide(path: str | os.PathLike[str]) -> SlideReader:
         except CorruptSlide:
             raise
         except TiledError as error:
+            if getattr(error, "recognised", False):
+                raise
             reasons.append(str(error))
         except OSError as error:
             raise UnsupportedSlide(f"cannot read the file: {error.strerror}") from None

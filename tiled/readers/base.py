@@ -20,6 +20,13 @@ from tiled.codecs import Tile, to_rgb8
 BACKGROUND = 255
 
 
+def recognised(error: Exception) -> Exception:
+    """Mark a rejection as final: the reader knows the format and no other
+    reader should try the file, so open_slide reports this reason alone."""
+    error.recognised = True  # type: ignore[attr-defined]
+    return error
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Level:
     """One pyramid level of a source slide, in pixels of that level."""
