@@ -82,6 +82,7 @@ def fork_report(tmp_path_factory) -> dict:
     # A stale file from an earlier run must not add to this run's counts.
     directory.mkdir()
     (directory / "counter_1.db").write_bytes(b"stale")
+    (directory / "notes.txt").write_text("not a metric file")
     result = subprocess.run(
         [sys.executable, "-c", FORK_SCRIPT, str(directory)],
         capture_output=True,
@@ -119,9 +120,13 @@ def test_counters_survive_dead_workers(fork_report):
     assert samples["tiled_worker_exits_total{}"] == 2
 
 
+def test_setup_deletes_only_metric_files(fork_report):
+    assert "counter_1.db" not in fork_report["files"]
+    assert "notes.txt" in fork_report["files"]
+
+
 def test_dead_worker_live_files_removed(fork_report):
     files = fork_report["files"]
-    assert "counter_1.db" not in files
     for pid in fork_report["children"]:
         assert f"counter_{pid}.db" in files
         assert not [

@@ -14,7 +14,7 @@ mode (see setup_multiprocess). Its limits, and how this module handles them:
   never drop when a worker is replaced. Gauges use a ``live*`` mode where a dead
   worker's value would be wrong, and mark_worker_dead() deletes those files.
 - Files are never compacted: every worker pid adds one file per metric type,
-  and a scrape reads them all. The parent wipes the folder at each start.
+  and a scrape reads them all. The parent deletes them at each start.
 - Process and Python runtime metrics (``process_*``, ``python_gc_*``) are not
   exported, because each worker could only report itself. Use node_exporter.
 - Gauge.set_function() and exemplars do not work in multiprocess mode, and
@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import shutil
 from pathlib import Path
 
 from prometheus_client import (
@@ -251,15 +250,17 @@ def multiprocess_directory() -> str | None:
 def setup_multiprocess(directory: str | os.PathLike[str]) -> None:
     """Switch every tiled metric to prometheus_client's multiprocess mode.
 
-    Call it in the parent before forking the workers. It empties ``directory``
-    (values left by an earlier run would be added to this run's), sets
-    PROMETHEUS_MULTIPROC_DIR for the workers, and rebinds the metrics created at
-    import time to per-process files. Values recorded before the call are lost.
+    Call it in the parent before forking the workers. It creates ``directory``
+    or deletes the ``*.db`` metric files in it (values left by an earlier run
+    would be added to this run's), sets PROMETHEUS_MULTIPROC_DIR for the
+    workers, and rebinds the metrics created at import time to per-process
+    files. Values recorded before the call are lost. Other files in the folder
+    are kept, in case the variable names a shared folder by mistake.
     """
     path = Path(directory)
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):
+        stale.unlink()
 
     # clear() warns once the variable is set, so drop the labelled children
     # before setting it. They are created again below or on first use.
