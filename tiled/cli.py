@@ -71,13 +71,17 @@ def _serve(settings: Settings) -> int:
             "choose another --port or stop the process using it"
         )
     workers = settings.server.workers
-    if workers == 1:
-        return _run_worker(settings, sock)
     from tiled import metrics
 
+    # A set PROMETHEUS_MULTIPROC_DIR means multiprocess mode even for one
+    # worker; setup_multiprocess also clears files left by an earlier run.
+    multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if workers == 1:
+        if multiprocess_dir:
+            metrics.setup_multiprocess(multiprocess_dir)
+        return _run_worker(settings, sock)
     metrics.setup_multiprocess(
-        os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        or tempfile.mkdtemp(prefix="tiled-metrics-")
+        multiprocess_dir or tempfile.mkdtemp(prefix="tiled-metrics-")
     )
     children: list[int] = []
     for _ in range(workers):
@@ -205,6 +209,10 @@ def command_ingest(args: argparse.Namespace) -> int:
             continue
         print(json.dumps({"id": entry.id, "path": path, **result}))
     store.close()
+    if args.textfile:
+        from tiled import metrics
+
+        metrics.write_ingest_textfile(args.textfile)
     return 1 if failures else 0
 
 
@@ -376,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="slide root the daemon serves, so ids match",
     )
     ingest.add_argument("--quiet", action="store_true", help="no progress bar")
+    ingest.add_argument(
+        "--textfile",
+        metavar="FILE.prom",
+        help="write ingest counters here for node_exporter's textfile collector",
+    )
     common(ingest)
     ingest.set_defaults(handler=command_ingest)
 
