@@ -23,7 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tiled import __version__, iiif, metrics, regions
+from tiled import __version__, dicomweb, iiif, metrics, regions
 from tiled.codecs import Codec, Tile, decode_tile, encode_jpeg, encode_png, to_rgb8
 from tiled.config import Settings
 from tiled.errors import BadRequest, NotFound, TiledError
@@ -476,6 +476,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_static("/static/", _static_path(), append_version=False)
     regions.add_routes(app)
     iiif.add_routes(app)
+    dicomweb.add_routes(app)
 
     async def background(app: web.Application):
         tasks = [
