@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
@@ -137,7 +138,39 @@ def format_event(event: Mapping[str, Any]) -> str | None:
     line = f"  {status:<11} {host:<16} {label}"
     if status in ("FAILED", "UNREACHABLE"):
         line += "\n" + _indent(_failure_text(result))
+    diff = format_diff(result)
+    if diff:
+        line += "\n" + _indent(diff)
     return line
+
+
+def format_diff(result: Mapping[str, Any]) -> str:
+    """Return the unified diff of a task result run with ``--diff``, or ""."""
+    diffs = []
+    for item in [result, *(result.get("results") or [])]:
+        entries = item.get("diff") if isinstance(item, Mapping) else None
+        if isinstance(entries, Mapping):
+            entries = [entries]
+        for entry in entries or []:
+            text = _diff_text(entry)
+            if text:
+                diffs.append(text)
+    return "\n".join(diffs)
+
+
+def _diff_text(entry: Mapping[str, Any]) -> str:
+    if "prepared" in entry:
+        return str(entry["prepared"]).rstrip()
+    before, after = entry.get("before"), entry.get("after")
+    if not isinstance(before, str) or not isinstance(after, str) or before == after:
+        return ""
+    lines = difflib.unified_diff(
+        before.splitlines(keepends=True),
+        after.splitlines(keepends=True),
+        fromfile=str(entry.get("before_header") or "before"),
+        tofile=str(entry.get("after_header") or "after"),
+    )
+    return "".join(lines).rstrip()
 
 
 def _failure_text(result: Mapping[str, Any]) -> str:
