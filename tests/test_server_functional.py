@@ -268,3 +268,35 @@ def test_tiles_survive_restart(daemon, tmp_path):
     _, _, body = daemon.get("/metrics")
     hits = re.search(rb'tiled_store_reads_total\{result="hit"\} ([0-9.e+]+)', body)
     assert hits and float(hits[1]) >= 1
+
+
+def test_slide_list_pages(daemon):
+    everything = daemon.get_json("/slides")
+    assert everything["total"] == len(everything["slides"])
+    page = daemon.get_json("/slides?offset=1&limit=2")
+    assert page["offset"] == 1
+    assert page["limit"] == 2
+    assert [s["id"] for s in page["slides"]] == [
+        s["id"] for s in everything["slides"][1:3]
+    ]
+    status, _, body = daemon.get("/slides?limit=-3")
+    assert status == 400
+    assert b"limit must be an integer" in body
+
+
+def test_ingested_slides_listed_without_opening(make_daemon, tmp_path):
+    root = tmp_path / "archive"
+    root.mkdir()
+    write_slide(root / "a.tif", 600, 400, downsamples=(1,))
+    first = make_daemon([root])
+    assert first.get_json("/slides")["slides"][0]["width"] == 600
+    first.stop()
+    # Restarted on the same store, the list comes from the stored record.
+    second = Daemon([root], first.store).start()
+    try:
+        slide = second.get_json("/slides")["slides"][0]
+        assert slide["width"] == 600
+        _, _, body = second.get("/metrics")
+        assert b"tiled_open_slides 0.0" in body
+    finally:
+        second.stop()

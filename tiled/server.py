@@ -27,6 +27,7 @@ from tiled import __version__, dicomweb, iiif, metrics, regions
 from tiled.codecs import Codec, Tile, decode_tile, encode_jpeg, encode_png, to_rgb8
 from tiled.config import Settings
 from tiled.errors import BadRequest, NotFound, TiledError
+from tiled.readers import SourceIdentity
 from tiled.slides import Catalog, SlideEntry, SlidePyramid, default_store_path
 from tiled.store import Store, StoreWriter
 
@@ -38,6 +39,8 @@ SERVICE = web.AppKey("service", "TileService")
 
 JSON_ERROR_HEADERS = {"Cache-Control": "no-store"}
 MEDIA_TYPES = {"jpeg": "image/jpeg", "jpg": "image/jpeg", "png": "image/png"}
+# Most slides one GET /slides page lists.
+LIST_LIMIT = 10000
 TILE_PATH = re.compile(r"^(\d{1,2})/(\d{1,7})_(\d{1,7})\.(jpeg|jpg|png)$")
 
 
@@ -263,21 +266,21 @@ def not_modified(request: web.Request, etag: str) -> bool:
 
 def _slide_summary(
     entry: SlideEntry,
-    pyramid: SlidePyramid | None,
+    record: dict[str, Any] | None,
     settings: Settings,
     error: TiledError | None = None,
 ) -> dict[str, Any]:
     name = entry.name if settings.slides.show_file_names else entry.id
     summary: dict[str, Any] = {"id": entry.id, "name": name}
-    if pyramid is None:
+    if record is None:
         summary["available"] = False
         if error is not None:
             summary["error"] = {"error": error.code, "message": str(error)}
         return summary
-    level0 = pyramid.record["levels"][0]
+    level0 = record["levels"][0]
     summary.update(
         available=True,
-        format=pyramid.format,
+        format=record["format"],
         width=level0["width"],
         height=level0["height"],
         dzi=f"/slides/{entry.id}.dzi",
@@ -285,21 +288,71 @@ def _slide_summary(
     return summary
 
 
+def _stored_record(catalog: Catalog, entry: SlideEntry) -> dict[str, Any] | None:
+    """Return the store's record of a slide if it still describes the file."""
+    record = catalog.store.get_slide(entry.id)
+    if record is None:
+        return None
+    try:
+        identity = SourceIdentity.of(entry.path)
+    except OSError:
+        return None
+    source = {
+        "path": identity.path,
+        "size": identity.size,
+        "mtime_ns": identity.mtime_ns,
+    }
+    return record if record["source"] == source else None
+
+
+def _list_page(
+    catalog: Catalog, settings: Settings, offset: int, limit: int
+) -> tuple[list[dict[str, Any]], int]:
+    """Summarise one page of slides; blocking, so it runs in the thread pool.
+
+    A slide the store already describes is listed from its record, so a large
+    archive is listed without opening every file.
+    """
+    entries = list(catalog.entries())
+    page = []
+    for entry in entries[offset : offset + limit]:
+        if entry.pyramid is not None:
+            page.append(_slide_summary(entry, entry.pyramid.record, settings))
+            continue
+        record = _stored_record(catalog, entry) if entry.error is None else None
+        if record is not None:
+            page.append(_slide_summary(entry, record, settings))
+            continue
+        try:
+            pyramid = catalog.open(entry)
+        except TiledError as error:
+            page.append(_slide_summary(entry, None, settings, error))
+            continue
+        page.append(_slide_summary(entry, pyramid.record, settings))
+    return page, len(entries)
+
+
+def _query_int(request: web.Request, name: str, default: int, maximum: int) -> int:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    if not text.isdigit() or int(text) > maximum:
+        raise BadRequest(f"{name} must be an integer from 0 to {maximum}")
+    return int(text)
+
+
 async def list_slides(request: web.Request) -> web.Response:
     catalog = request.app[CATALOG]
     service = request.app[SERVICE]
     settings = request.app[SETTINGS]
+    offset = _query_int(request, "offset", 0, 10**9)
+    limit = _query_int(request, "limit", LIST_LIMIT, LIST_LIMIT)
     if time.monotonic() - catalog._last_scan > 30:
         await service.run(catalog.scan)
-    slides = []
-    for entry in catalog.entries():
-        try:
-            pyramid = await service.pyramid(entry)
-        except TiledError as error:
-            slides.append(_slide_summary(entry, None, settings, error))
-            continue
-        slides.append(_slide_summary(entry, pyramid, settings))
-    return json_response({"slides": slides})
+    slides, total = await service.run(_list_page, catalog, settings, offset, limit)
+    return json_response(
+        {"slides": slides, "total": total, "offset": offset, "limit": limit}
+    )
 
 
 async def get_slide(request: web.Request) -> web.Response:
@@ -312,7 +365,7 @@ async def get_slide(request: web.Request) -> web.Response:
     entry = catalog.get(slide_id)
     pyramid = await service.pyramid(entry)
     reader = await service.run(catalog.readers.get, entry)
-    data = _slide_summary(entry, pyramid, settings)
+    data = _slide_summary(entry, pyramid.record, settings)
     geometry = pyramid.geometry
     data.update(
         mpp=pyramid.record["mpp"],
