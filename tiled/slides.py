@@ -343,13 +343,22 @@ class Catalog:
 
 
 def _walk_slides(root: str) -> Iterator[str]:
-    """Yield paths relative to root of slide files that stay inside the root."""
+    """Yield paths relative to root of slide files that stay inside the root.
+
+    The files of one DICOM series in a folder (one instance per level, plus
+    label and overview) form one slide, yielded once as the series' first
+    file by name; the DICOM reader opens the rest of the series from there.
+    """
     for directory, subdirectories, files in os.walk(root, followlinks=False):
         subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
+        series_first: dict[str, str] = {}
         for name in sorted(files):
             if name.startswith("."):
                 continue
-            if os.path.splitext(name)[1].lower() not in SLIDE_SUFFIXES:
+            suffix = os.path.splitext(name)[1].lower()
+            # DICOM files are often named by number, with no suffix.
+            maybe_dicom = suffix in DICOM_SUFFIXES or not suffix or suffix[1:].isdigit()
+            if suffix not in SLIDE_SUFFIXES and not maybe_dicom:
                 continue
             path = os.path.join(directory, name)
             real = os.path.realpath(path)
@@ -358,4 +367,44 @@ def _walk_slides(root: str) -> Iterator[str]:
                 continue
             if not os.path.isfile(real):
                 continue
+            if maybe_dicom:
+                series_uid = _dicom_series_uid(real)
+                if series_uid is None and suffix not in SLIDE_SUFFIXES:
+                    continue
+                if series_uid is not None:
+                    if series_uid in series_first:
+                        continue
+                    series_first[series_uid] = name
             yield os.path.relpath(path, root).replace(os.sep, "/")
+
+
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+# SeriesInstanceUID by path, with the file size and mtime it was read at.
+_SERIES_UIDS: dict[str, tuple[int, int, str | None]] = {}
+
+
+def _dicom_series_uid(path: str) -> str | None:
+    """Return the SeriesInstanceUID of a DICOM file, or None if it is not one."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    cached = _SERIES_UIDS.get(path)
+    if cached is not None and cached[:2] == (status.st_size, status.st_mtime_ns):
+        return cached[2]
+    from tiled.readers.dicom import is_dicom_file
+
+    series_uid = None
+    if is_dicom_file(path):
+        import pydicom
+
+        try:
+            dataset = pydicom.dcmread(
+                path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]
+            )
+            series_uid = str(dataset.get("SeriesInstanceUID", "")) or path
+        except Exception:  # pydicom raises many types on damaged headers
+            # A damaged DICOM file is still listed, so its error is shown.
+            series_uid = path
+    _SERIES_UIDS[path] = (status.st_size, status.st_mtime_ns, series_uid)
+    return series_uid

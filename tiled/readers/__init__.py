@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from tiled.errors import CorruptSlide, TiledError, UnsupportedSlide
 from tiled.readers.base import Level, SlideReader, SourceIdentity
+from tiled.readers.dicom import DicomReader
 from tiled.readers.ome import OmeTiffReader
 from tiled.readers.tiff import TiffReader
 
@@ -24,7 +25,11 @@ __all__ = [
 ]
 
 #: Readers tried in order. Later formats register themselves here.
-READERS: list[Callable[[str], SlideReader]] = [OmeTiffReader, TiffReader]
+READERS: list[Callable[[str], SlideReader]] = [
+    DicomReader,
+    OmeTiffReader,
+    TiffReader,
+]
 
 #: File name suffixes the slide-root scan considers (lower case).
 SLIDE_SUFFIXES = {
@@ -35,6 +40,7 @@ SLIDE_SUFFIXES = {
     ".tf8",
     ".ndpi",
     ".dcm",
+    ".dicom",
     ".mrxs",
     ".scn",
     ".bif",
