@@ -13,6 +13,7 @@ from tiled.errors import CorruptSlide, TiledError, UnsupportedSlide
 from tiled.readers.base import Level, SlideReader, SourceIdentity
 from tiled.readers.dicom import DicomReader
 from tiled.readers.ome import OmeTiffReader
+from tiled.readers.openslide import OpenSlideReader
 from tiled.readers.tiff import TiffReader
 
 __all__ = [
@@ -29,6 +30,7 @@ READERS: list[Callable[[str], SlideReader]] = [
     DicomReader,
     OmeTiffReader,
     TiffReader,
+    OpenSlideReader,
 ]
 
 #: File name suffixes the slide-root scan considers (lower case).
@@ -46,6 +48,7 @@ SLIDE_SUFFIXES = {
     ".bif",
     ".vms",
     ".svslide",
+    ".vmu",
 }
 
 
@@ -65,7 +68,8 @@ def open_slide(path: str | os.PathLike[str]) -> SlideReader:
         except TiledError as error:
             if getattr(error, "recognised", False):
                 raise
-            reasons.append(str(error))
+            if str(error) not in reasons:
+                reasons.append(str(error))
         except OSError as error:
             raise UnsupportedSlide(f"cannot read the file: {error.strerror}") from None
     reason = "; ".join(reasons) or "no reader is registered"
