@@ -263,7 +263,14 @@ def run_wrk(
     )
     parsed["client_cpu_percent"] = 100.0 * client_seconds / elapsed
     if server_groups:
-        parsed["server_cpu_percent"] = 100.0 * (server_after - server_before) / elapsed
+        server_seconds = server_after - server_before
+        parsed["server_cpu_percent"] = 100.0 * server_seconds / elapsed
+        # CPU time per request barely moves when other processes take turns on
+        # the server's CPU, unlike req/s, so it compares peers on a busy machine.
+        if parsed.get("requests"):
+            parsed["server_cpu_us_per_request"] = (
+                1e6 * server_seconds / parsed["requests"]
+            )
     parsed["cpu_busy_percent"] = {
         cpu: 100.0 * (busy_after[cpu] - busy_before.get(cpu, 0.0)) / elapsed
         for cpu in busy_after

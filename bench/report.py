@@ -73,6 +73,7 @@ def summarize(rounds: list[dict]) -> dict:
         "server_cpu_percent",
         "client_cpu_percent",
         "other_load_percent",
+        "server_cpu_us_per_request",
     ):
         values = [round_[field] for round_ in rounds if round_.get(field) is not None]
         summary[field] = statistics.median(values) if values else None
@@ -194,13 +195,13 @@ def render_section(result: dict) -> str:
         f"{settings['max_other_load_percent']:g} %), or over all rounds when none "
         "was clean, and ratios are medians of the per-round ratios. "
         "CPU is the server's (all its processes) and wrk's use in percent of one "
-        "core. Other load is the largest share of the server's or wrk's CPU that "
+        "core. Server CPU per request is the steadiest figure on a busy machine. Other load is the largest share of the server's or wrk's CPU that "
         "other processes on the machine took during the run.",
         "",
         "| peer | req/s | ratio to nginx | ratio to IIPImage + memcached "
-        "| p50 ms | p99 ms | server CPU % | wrk CPU % | other load % "
-        "| clean rounds | errors | mean tile bytes |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| p50 ms | p99 ms | server CPU µs/request | server CPU % | wrk CPU % "
+        "| other load % | clean rounds | errors | mean tile bytes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, summary in summaries.items():
         lines.append(
@@ -209,6 +210,7 @@ def render_section(result: dict) -> str:
             f"| {format_number(summary['ratio_to_iip_memcached'], 2)} "
             f"| {format_number(summary['p50_ms'], 2)} "
             f"| {format_number(summary['p99_ms'], 2)} "
+            f"| {format_number(summary['server_cpu_us_per_request'], 1)} "
             f"| {format_number(summary['server_cpu_percent'])} "
             f"| {format_number(summary['client_cpu_percent'])} "
             f"| {format_number(summary['other_load_percent'])} "
@@ -218,7 +220,7 @@ def render_section(result: dict) -> str:
         )
     for name in result.get("skipped", {}):
         lines.append(
-            f"| {name} | not run: {result['skipped'][name]} | | | | | | | | | | |"
+            f"| {name} | not run: {result['skipped'][name]} | | | | | | | | | | | |"
         )
     targets = result.get("targets", [])
     if targets:
