@@ -119,8 +119,8 @@ def tissue_pixels(
     grid_x, grid_y = np.meshgrid(
         np.arange(cell_x[0], cell_x[-1] + 1), np.arange(cell_y[0], cell_y[-1] + 1)
     )
-    centre_x = (grid_x + 0.25 + 0.5 * _hash(grid_x, grid_y, seed + 4)) * NUCLEUS_CELL
-    centre_y = (grid_y + 0.25 + 0.5 * _hash(grid_x, grid_y, seed + 5)) * NUCLEUS_CELL
+    centre_x = (grid_x + 0.35 + 0.3 * _hash(grid_x, grid_y, seed + 4)) * NUCLEUS_CELL
+    centre_y = (grid_y + 0.35 + 0.3 * _hash(grid_x, grid_y, seed + 5)) * NUCLEUS_CELL
     chance = _hash(grid_x, grid_y, seed + 6)
     radius = 3.5 + 2.5 * _hash(grid_x, grid_y, seed + 8)
     index_y = (cell_y - cell_y[0])[:, None]
