@@ -216,9 +216,9 @@ def instance_dataset(series: SlideSeries, steps: int) -> Dataset:
         measures.PixelSpacing = [_decimal(spacing_y), _decimal(spacing_x)]
         measures.SliceThickness = _decimal(0.001)
         shared.PixelMeasuresSequence = [measures]
-        dataset.ImagedVolumeWidth = _decimal(width * spacing_x)
-        dataset.ImagedVolumeHeight = _decimal(height * spacing_y)
-        dataset.ImagedVolumeDepth = _decimal(0.001)
+        dataset.ImagedVolumeWidth = width * spacing_x
+        dataset.ImagedVolumeHeight = height * spacing_y
+        dataset.ImagedVolumeDepth = 0.001
     # NOTE: without a stated mpp no PixelSpacing is sent; viewers then show
     # the slide without a scale bar.
     dataset.SharedFunctionalGroupsSequence = [shared]
