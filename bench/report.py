@@ -195,7 +195,8 @@ def render_section(result: dict) -> str:
         f"{settings['max_other_load_percent']:g} %), or over all rounds when none "
         "was clean, and ratios are medians of the per-round ratios. "
         "CPU is the server's (all its processes) and wrk's use in percent of one "
-        "core. Server CPU per request is the steadiest figure on a busy machine. Other load is the largest share of the server's or wrk's CPU that "
+        "core. Server CPU per request is the steadiest figure on a busy machine. "
+        "Other load is the largest share of the server's or wrk's CPU that "
         "other processes on the machine took during the run.",
         "",
         "| peer | req/s | ratio to nginx | ratio to IIPImage + memcached "
