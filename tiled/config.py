@@ -46,8 +46,13 @@ class SlidesSettings:
     roots: list[str] = dataclasses.field(default_factory=list)
     # Source slides kept open at once per worker.
     open_slides: int = 64
-    # Serve label and macro images. They often show the patient's name.
+    # Serve label and macro images of every slide. They often show the
+    # patient's name. Thumbnails are always served.
     associated_images: bool = False
+    # Folders (slide roots or folders under them) whose slides serve label
+    # and macro images even when associated_images is false, for collections
+    # known to hold no patient data.
+    associated_image_folders: list[str] = dataclasses.field(default_factory=list)
     # Show each slide's file name in the slide list and metadata.
     show_file_names: bool = True
     # Extra ids for slides, as {alias: path relative to a root}, so a fixed

@@ -26,7 +26,7 @@ from aiohttp import web
 from tiled import __version__, dicomweb, iiif, metrics, regions
 from tiled.codecs import Codec, Tile, decode_tile, encode_jpeg, encode_png, to_rgb8
 from tiled.config import Settings
-from tiled.errors import BadRequest, NotFound, TiledError
+from tiled.errors import BadRequest, Forbidden, NotFound, TiledError
 from tiled.readers import SourceIdentity
 from tiled.slides import Catalog, SlideEntry, SlidePyramid, default_store_path
 from tiled.store import Store, StoreWriter
@@ -355,6 +355,67 @@ async def list_slides(request: web.Request) -> web.Response:
     )
 
 
+def associated_image_served(
+    settings: Settings, entry: SlideEntry, reader: Any, name: str
+) -> bool:
+    """Return True if an associated image of a slide may be sent to clients.
+
+    Thumbnails always are. Label and macro images (and any other kind) can
+    show a patient's name or barcode, so they are sent only when
+    slides.associated_images is on or the slide lies under one of
+    slides.associated_image_folders.
+    """
+    if name in reader.SERVED_ASSOCIATED:
+        return True
+    if settings.slides.associated_images:
+        return True
+    slide_path = os.path.realpath(entry.path)
+    for folder in settings.slides.associated_image_folders:
+        folder = os.path.realpath(folder)
+        if os.path.commonpath([slide_path, folder]) == folder:
+            return True
+    return False
+
+
+async def get_associated(request: web.Request) -> web.Response:
+    """Send a slide's label, macro or thumbnail image as JPEG or PNG."""
+    catalog = request.app[CATALOG]
+    service = request.app[SERVICE]
+    settings = request.app[SETTINGS]
+    slide_id = request.match_info["slide_id"]
+    name = request.match_info["image"]
+    extension = request.match_info["extension"]
+    extension = "jpeg" if extension == "jpg" else extension
+    entry = catalog.get(slide_id)
+    pyramid = await service.pyramid(entry)
+    reader = await service.run(catalog.readers.get, entry)
+    if name not in reader.associated_images:
+        raise NotFound(f"slide {slide_id} has no {name} image")
+    if not associated_image_served(settings, entry, reader, name):
+        raise Forbidden(
+            f"the {name} image of slide {slide_id} is withheld because it can "
+            "show patient data; enable slides.associated_images or list its "
+            "folder in slides.associated_image_folders"
+        )
+    etag = etag_for(entry.id, pyramid.generation, "associated", name, extension)
+    headers = {"ETag": etag, "Cache-Control": "private, max-age=300"}
+    if not_modified(request, etag):
+        return web.Response(status=304, headers=headers)
+    cache_key = f"{entry.id}/{pyramid.generation}/{name}.{extension}".encode()
+    body = service.encoded.get(cache_key)
+    if body is None:
+
+        def render() -> bytes:
+            pixels = to_rgb8(reader.read_associated(name))
+            if extension == "png":
+                return encode_png(pixels)
+            return encode_jpeg(pixels, pyramid.jpeg_quality)
+
+        body = await service.run(render)
+        service.encoded.put(cache_key, body)
+    return web.Response(body=body, content_type=MEDIA_TYPES[extension], headers=headers)
+
+
 async def get_slide(request: web.Request) -> web.Response:
     catalog = request.app[CATALOG]
     service = request.app[SERVICE]
@@ -371,6 +432,14 @@ async def get_slide(request: web.Request) -> web.Response:
         mpp=pyramid.record["mpp"],
         levels=pyramid.record["levels"],
         associated_images=sorted(reader.associated_images),
+        associated={
+            name: {
+                "width": size[0],
+                "height": size[1],
+                "served": associated_image_served(settings, entry, reader, name),
+            }
+            for name, size in sorted(reader.associated_images.items())
+        },
         properties=dict(reader.properties),
         deepzoom={
             "tile_size": geometry.tile_size,
@@ -525,6 +594,10 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/slides", list_slides)
     app.router.add_get("/slides/{slide_id}_files/{tail:.+}", get_tile)
+    app.router.add_get(
+        "/slides/{slide_id}/associated/{image:[a-z]+}.{extension:jpeg|jpg|png}",
+        get_associated,
+    )
     app.router.add_get("/slides/{slide_id}", get_slide)
     app.router.add_static("/static/", _static_path(), append_version=False)
     regions.add_routes(app)
