@@ -142,6 +142,7 @@ def instance_dataset(series: SlideSeries, steps: int) -> Dataset:
         if steps == 0
         else ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
     )
+
     dataset = Dataset()
     dataset.SOPClassUID = VL_WHOLE_SLIDE
     dataset.SOPInstanceUID = series.instance_uid(steps)
@@ -154,6 +155,7 @@ def instance_dataset(series: SlideSeries, steps: int) -> Dataset:
     dataset.InstanceNumber = steps + 1
     dataset.Manufacturer = "tiled"
     dataset.ImageType = image_type
+
     dataset.PositionReferenceIndicator = "SLIDE_CORNER"
     dataset.ContainerIdentifier = series.entry.id
     dataset.IssuerOfTheContainerIdentifierSequence = []
@@ -166,6 +168,7 @@ def instance_dataset(series: SlideSeries, steps: int) -> Dataset:
     dataset.ExtendedDepthOfField = "NO"
     dataset.AcquisitionDateTime = ""
     dataset.ImageOrientationSlide = [0, -1, 0, -1, 0, 0]
+
     dataset.DimensionOrganizationType = "TILED_FULL"
     dataset.TotalPixelMatrixColumns = width
     dataset.TotalPixelMatrixRows = height
@@ -189,6 +192,7 @@ def instance_dataset(series: SlideSeries, steps: int) -> Dataset:
     dataset.LossyImageCompression = "01" if series.lossy else "00"
     if series.lossy:
         dataset.LossyImageCompressionMethod = "ISO_10918_1"
+
     origin = Dataset()
     origin.XOffsetInSlideCoordinateSystem = 0
     origin.YOffsetInSlideCoordinateSystem = 0
@@ -202,6 +206,7 @@ def instance_dataset(series: SlideSeries, steps: int) -> Dataset:
         _code("414298005", "SCT", "Full Spectrum")
     ]
     dataset.OpticalPathSequence = [optical_path]
+
     frame_type = Dataset()
     frame_type.FrameType = image_type
     shared = Dataset()
@@ -360,8 +365,8 @@ async def _find_series(
         and (series_uid is None or series.series_uid == series_uid)
     ]
     if not found:
-        what = f"series {series_uid}" if series_uid else f"study {study_uid}"
-        raise NotFound(f"no {what}")
+        missing = f"series {series_uid}" if series_uid else f"study {study_uid}"
+        raise NotFound(f"no {missing}")
     return found
 
 

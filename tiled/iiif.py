@@ -283,8 +283,8 @@ def canonical_path(request: ImageRequest, width: int, height: int, version: str)
 
 
 def service_url(http_request: web.Request, version: str, identifier: str) -> str:
-    # NOTE: behind a proxy the Host and scheme of the proxied request are used;
-    # a proxy must pass Host through for the ids in info.json to resolve.
+    # NOTE: ids in info.json use the request's Host header and scheme. A proxy
+    # in front of tiled must pass Host through, or the ids will not resolve.
     base = f"{http_request.scheme}://{http_request.host}"
     return f"{base}/iiif/{version}/{quote(identifier, safe='')}"
 

@@ -3,8 +3,8 @@
 Every image here is cut from the DeepZoom pyramid through TileService.tile,
 so regions reuse the tiles in the LMDB store and add to it as they go. A
 request is resampled from the finest DeepZoom level that is no finer than it
-needs, and that level is read only if it fits a pixel budget, so the memory
-of one request is bounded by the configured limits whatever it asks for.
+needs. That level is read only if it fits a pixel budget, so the configured
+limits bound the memory of one request, whatever its parameters.
 
 Endpoints (see docs/API.md):
 
@@ -37,8 +37,8 @@ from tiled.slides import SlidePyramid
 # Largest coordinate accepted in a request; far beyond any slide, but small
 # enough that arithmetic on it stays exact in floats.
 MAX_COORDINATE = 1 << 31
-# Read a DeepZoom level only if its rectangle has at most this many times the
-# pixels of the limit on output area; otherwise read a coarser level.
+# A DeepZoom level is read only if its rectangle has at most this many times
+# limits.max_area pixels. Otherwise a coarser level is read.
 READ_BUDGET_FACTOR = 2
 # Renders reading more than this many pixels run at most LARGE_RENDERS_AT_ONCE
 # at a time per service, so a burst of large requests cannot multiply the
