@@ -153,14 +153,17 @@ class TileService:
         ``display`` renders stored pixels (any sample count, 8 or 16 bits) as
         8-bit RGB; it is the slide reader's ``to_display``.
         """
-        if extension == "png":
-            if tile.codec == Codec.PNG:
-                return tile.data
-            return encode_png(display(decode_tile(tile)))
-        if tile.codec == Codec.JPEG:
+        if extension == "png" and tile.codec == Codec.PNG:
+            return tile.data
+        if extension == "jpeg" and tile.codec == Codec.JPEG:
             return tile.data
         pixels = decode_tile(tile)
-        return encode_jpeg(display(pixels), quality)
+        # Only raw (zstd) tiles hold source samples; other codecs hold
+        # pixels that were rendered for display when the tile was made.
+        pixels = display(pixels) if tile.codec == Codec.ZSTD else to_rgb8(pixels)
+        if extension == "png":
+            return encode_png(pixels)
+        return encode_jpeg(pixels, quality)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
