@@ -145,6 +145,7 @@ def evaluate_targets(summaries: dict[str, dict], connections: int) -> list[dict]
                 "passed": bool(value and value >= 0.3),
             }
         )
+    targets += capacity_targets(tiled, nginx, iip)
     p99 = tiled["p99_ms"]
     targets.append(
         {
@@ -162,6 +163,49 @@ def evaluate_targets(summaries: dict[str, dict], connections: int) -> list[dict]
             }
         )
     return targets
+
+
+def capacity_targets(tiled: dict, nginx: dict | None, iip: dict | None) -> list[dict]:
+    """Check the throughput targets on server CPU time per request.
+
+    One core serves 1e6 / (CPU µs per request) requests per second when the
+    server is the bottleneck, so the ratio of CPU costs is the ratio of
+    one-core capacities. It holds up when other processes share the CPUs,
+    which req/s does not. For nginx it is stricter than req/s, because wrk on
+    one core cannot load nginx fully.
+    """
+    targets = []
+    tiled_cost = tiled.get("server_cpu_us_per_request")
+    if not tiled_cost:
+        return targets
+    for reference, label, threshold in (
+        (iip, "IIPImage + memcached", 3.0),
+        (nginx, "nginx static", 0.3),
+    ):
+        reference_cost = reference and reference.get("server_cpu_us_per_request")
+        if not reference_cost:
+            continue
+        value = reference_cost / tiled_cost
+        targets.append(
+            {
+                "target": f"tiled >= {threshold:g}x {label} (CPU time per request)",
+                "value": f"{value:.2f}x",
+                "passed": value >= threshold,
+            }
+        )
+    return targets
+
+
+def add_summaries(result: dict) -> None:
+    """Compute the medians, ratios and targets of a result from its rounds."""
+    peer_results = result["peers"]
+    summaries = {}
+    for name, peer_result in peer_results.items():
+        summaries[name] = summarize(peer_result["rounds"])
+        summaries[name]["errors"] += peer_result["warmup_problem_count"]
+    add_ratios(summaries, peer_results)
+    result["summaries"] = summaries
+    result["targets"] = evaluate_targets(summaries, result["settings"]["connections"])
 
 
 def format_number(value: float | None, digits: int = 0) -> str:

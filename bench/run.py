@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import logging
 import os
 import shlex
@@ -100,10 +101,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--samples",
         type=Path,
-        default=Path(os.environ.get("TILED_SAMPLES", "")) or None,
+        default=Path(
+            os.environ.get(
+                "TILED_SAMPLES", BENCH_DIR.parent.parent / "shared" / "slides"
+            )
+        ),
         help="folder with the sample slides; the slide is built from "
         "CMU-1-Small-Region.svs found there, else from a synthetic "
-        "texture (default: $TILED_SAMPLES)",
+        "texture (default: $TILED_SAMPLES, else shared/slides beside the "
+        "repository, as the tests use)",
     )
     parser.add_argument(
         "--data-dir",
@@ -129,6 +135,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--no-readme",
         action="store_true",
         help="write the JSON results but leave bench/README.md alone",
+    )
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="measure nothing: recompute the summary of a results file, "
+        "rewrite it and the README section",
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -165,9 +178,8 @@ def resolve_tiled_command(option: str | None) -> list[str] | None:
 
 def prepare_slide(args: argparse.Namespace) -> slide.SlideInfo:
     data = args.data_dir
-    samples = args.samples if args.samples else Path("/nonexistent")
     info = slide.build_slide(
-        data / "slide.tif", samples, args.width, args.height, args.seed
+        data / "slide.tif", args.samples, args.width, args.height, args.seed
     )
     return info
 
@@ -418,13 +430,6 @@ def measure(args: argparse.Namespace) -> dict:
         for peer in built:
             peer.stop()
 
-    summaries = {
-        name: report.summarize(result["rounds"])
-        for name, result in peer_results.items()
-    }
-    for name, result in peer_results.items():
-        summaries[name]["errors"] += result["warmup_problem_count"]
-    report.add_ratios(summaries, peer_results)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     return {
         "started": started.strftime("%Y-%m-%d %H:%M UTC"),
@@ -453,9 +458,7 @@ def measure(args: argparse.Namespace) -> dict:
         },
         "tile_levels": sorted({tile.level for tile in tiles}, reverse=True),
         "peers": peer_results,
-        "summaries": summaries,
         "skipped": skipped,
-        "targets": report.evaluate_targets(summaries, args.connections),
         "profile": profile,
     }
 
@@ -472,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    result = measure(args)
+    result = json.loads(args.render.read_text()) if args.render else measure(args)
+    report.add_summaries(result)
     path = report.write_results(BENCH_DIR / "results", result)
     log.info("wrote %s", path)
     section = report.render_section(result)
