@@ -385,9 +385,9 @@ def test_strip_tiff_served_as_virtual_tiles(tmp_path, make_daemon):
 @pytest.mark.parametrize(
     ("resolution", "unit"),
     [
-        ((40000, 40000), "CENTIMETER"),
+        (((40000, 1), (40000, 1)), "CENTIMETER"),
         (((400000, 10), (400000, 10)), "CENTIMETER"),
-        ((101600, 101600), "INCH"),
+        (((101600, 1), (101600, 1)), "INCH"),
         (((1016000, 10), (1016000, 10)), "INCH"),
     ],
 )
@@ -397,9 +397,8 @@ def test_resolution_rationals_same_mpp(tmp_path, resolution, unit):
     with tifffile.TiffFile(path, mode="r+b") as tiff:
         tags = tiff.pages.first.tags
         x, y = resolution
-        to_pair = lambda v: v if isinstance(v, tuple) else (v, 1)
-        tags["XResolution"].overwrite(to_pair(x))
-        tags["YResolution"].overwrite(to_pair(y))
+        tags["XResolution"].overwrite(x)
+        tags["YResolution"].overwrite(y)
         unit_value = 3 if unit == "CENTIMETER" else 2
         if "ResolutionUnit" in tags:
             tags["ResolutionUnit"].overwrite(unit_value)
