@@ -3,8 +3,8 @@
 One ``tiled serve`` subprocess serves the whole samples folder. A file
 either serves, and its first full-resolution DeepZoom tile (as PNG) matches
 an independent reader within a stated mean tolerance, or gets the expected
-JSON error. After every failing file the daemon must still answer /healthz
-and serve a good slide.
+JSON error. After every failing file the daemon must still return 200 on
+/healthz and serve a good slide.
 """
 
 from __future__ import annotations

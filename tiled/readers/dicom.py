@@ -154,7 +154,7 @@ class DicomReader(SlideReader):
             self._wsi = WsiDicom.open(self.files)
         except (WsiDicomError, WsiDicomNotFoundError) as error:
             self._wsi = None
-            log.info("wsidicom finds no pyramid (%s); reading one instance", error)
+            log.info("wsidicom found no pyramid (%s); reading one instance", error)
         except Exception as error:  # wsidicom raises many types on bad files
             raise CorruptSlide(f"DICOM series cannot be opened: {error}") from None
         if self._wsi is None:

@@ -176,8 +176,22 @@ class OmeTiffReader(SlideReader):
             )
         self.bits = self._source_dtype.itemsize * 8
         self.lossy = keyframe.compression in LOSSY
-        page_axes = [axis for axis in series.axes if axis not in "YXS"]
         channels_per_page = keyframe.samplesperpixel
+        self._open_levels(series)
+        self.samples = len(self._planes[0]) * channels_per_page
+        self.rgb = (
+            self.samples == 3
+            and channels_per_page == 3
+            and keyframe.photometric == 2
+            and self.bits == 8
+        )
+        self.mpp = self._find_mpp()
+        self._colours = self._channel_colours(keyframe.photometric == 2)
+        self._windows = self._display_windows()
+
+    def _open_levels(self, series: tifffile.TiffPageSeries) -> None:
+        """Find each level's page of every channel, at the first Z and T."""
+        page_axes = [axis for axis in series.axes if axis not in "YXS"]
         self._planes: list[list[ChunkedPage]] = []
         self.levels = []
         for level_index, level in enumerate(series.levels):
@@ -218,16 +232,6 @@ class OmeTiffReader(SlideReader):
                     self._planes[0][0].width / width,
                 )
             )
-        self.samples = len(self._planes[0]) * channels_per_page
-        self.rgb = (
-            self.samples == 3
-            and channels_per_page == 3
-            and keyframe.photometric == 2
-            and self.bits == 8
-        )
-        self.mpp = self._find_mpp()
-        self._colours = self._channel_colours(keyframe.photometric == 2)
-        self._windows = self._display_windows()
 
     def _find_mpp(self) -> tuple[float, float] | None:
         pixels = self._ome["pixels"]

@@ -6,10 +6,10 @@ and its high offset bits above 4 GB. Tile and strip bytes are read with
 ``TiffPage.decode`` turns them into pixels.
 
 A level whose tiles can be served as they are ("native" tiles) keeps the
-file's tile grid. Strip-based pages, NDPI strips and odd tile sizes are
-exposed as a grid of virtual 512-pixel tiles that are assembled from the
-decoded chunks, so a single-level strip TIFF is served region by region and
-tiled's pyramid makes the lower levels.
+file's tile grid. Strip-based pages, NDPI strips and odd tile sizes become a
+grid of virtual 512-pixel tiles assembled from the decoded chunks. A
+single-level strip TIFF is thus read region by region, and tiled's pyramid
+makes its lower levels.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ SUPPORTED = LOSSLESS | LOSSY
 VIRTUAL_TILE = 512
 # Native tile edges outside this range are re-cut into virtual tiles.
 NATIVE_TILE_RANGE = (16, 4096)
-# Bytes of decoded strips and tiles kept per reader; a 512-row NDPI virtual
-# tile row needs 64 strips of the full width, so this covers a few rows.
+# Bytes of decoded strips and tiles kept per reader. A row of 512-pixel NDPI
+# virtual tiles needs 64 full-width strips, so this covers a few such rows.
 CHUNK_CACHE_BYTES = 96 << 20
 
 # Aperio ImageDescription keys shown to clients. Everything else (Filename,
@@ -71,8 +71,8 @@ APERIO_ALLOWED = frozenset(
     }
 )
 
-# Hamamatsu NDPI private tags shown to clients. Comments, serial numbers,
-# scan times and the rest are withheld: Comments holds dates and free text.
+# Hamamatsu NDPI private tags shown to clients. Comments (which contains
+# dates and free text), serial numbers, scan times and the rest are withheld.
 NDPI_ALLOWED = frozenset(
     {
         "Make",
@@ -124,7 +124,7 @@ def mpp_from_resolution(page: tifffile.TiffPage) -> tuple[float, float] | None:
         pixels_per_unit = numerator / denominator
         microns = MICRONS_PER_UNIT[unit] / pixels_per_unit
         # Writers that know no resolution store a screen or print default
-        # such as 72, 96 or 300 pixels per inch (in either unit); no slide
+        # such as 72, 96 or 300 pixels per inch, in either unit. No slide
         # scan has pixels that coarse, so such a value states nothing.
         if microns > MAX_STATED_MPP:
             return None
