@@ -434,8 +434,7 @@ def measure(args: argparse.Namespace) -> dict:
     return {
         "started": started.strftime("%Y-%m-%d %H:%M UTC"),
         "results_file": f"{stamp}.json",
-        "command": "python bench/run.py "
-        + " ".join(shlex.quote(arg) for arg in sys.argv[1:]),
+        "command": shlex.join(["python", "bench/run.py", *sys.argv[1:]]),
         "machine": machine,
         "settings": {
             "duration_s": args.duration,
