@@ -191,6 +191,42 @@ def test_dicom_sparse_absent_frames_background(tmp_path):
     assert region[64, 0, 0] == 255
 
 
+def _recompress(path: Path, syntax: str) -> None:
+    """Re-encode every frame of a native RGB instance with another codec."""
+    dataset = pydicom.dcmread(path)
+    if syntax == "rle":
+        dataset.compress(pydicom.uid.RLELossless)
+    else:
+        frames = dataset.pixel_array
+        if syntax == "jpegls":
+            encoded = [imagecodecs.jpegls_encode(frame, level=0) for frame in frames]
+            dataset.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLSLossless
+        else:
+            encoded = [
+                imagecodecs.jpeg2k_encode(
+                    frame, level=0, reversible=True, codecformat="j2k"
+                )
+                for frame in frames
+            ]
+            dataset.file_meta.TransferSyntaxUID = pydicom.uid.JPEG2000Lossless
+        dataset.PixelData = encapsulate(encoded)
+        dataset["PixelData"].VR = "OB"
+        dataset["PixelData"].is_undefined_length = True
+    dataset.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.parametrize("syntax", ["rle", "jpegls", "jpeg2000"])
+def test_dicom_lossless_transfer_syntaxes(tmp_path, syntax):
+    path = write_dicom(tmp_path / f"{syntax}.dcm")
+    _recompress(path, syntax)
+    with open_slide(path) as reader:
+        assert reader.passthrough_codec is None
+        assert not reader.is_lossy
+        region = reader.read_region(0, 0, 0, 100, 80)
+    for col, row in ((0, 0), (3, 2), (1, 2)):
+        assert region[row * 32, col * 32, 0] == frame_value(col, row)
+
+
 def test_dicom_jpeg_frames_pass_through(tmp_path):
     path = write_dicom(tmp_path / "jpeg.dcm", jpeg=True)
     with open_slide(path) as reader:
