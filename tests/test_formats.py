@@ -559,3 +559,35 @@ def test_slide_json_lists_dicom_optical_path(tmp_path, make_daemon):
     assert info["format"] == "dicom"
     assert info["properties"]["dicom.served_optical_path"] == "1"
     assert json.dumps(info).find("DOE") < 0
+
+
+def test_png16_tile_keeps_source_samples(tmp_path, make_daemon):
+    rng = np.random.default_rng(5)
+    grey = rng.integers(0, 65535, size=(300, 400), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "grey16.ome.tif", grey, ome=True, tile=(256, 256))
+    two = rng.integers(0, 4000, size=(2, 300, 400), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "two.ome.tif", two, ome=True, metadata={"axes": "CYX"})
+    write_slide(tmp_path / "lossy.svs", 400, 300, aperio=True)
+    daemon = make_daemon([tmp_path])
+    grey_id = slide_id_for("grey16.ome.tif")
+    z = daemon.get_json(f"/slides/{grey_id}")["deepzoom"]["level_count"] - 1
+    status, headers, body = daemon.get(
+        f"/slides/{grey_id}_files/{z}/0_0.png?format=png16"
+    )
+    assert status == 200, body
+    assert headers["Content-Type"] == "image/png"
+    pixels = imagecodecs.png_decode(body)
+    assert pixels.dtype == np.uint16
+    assert np.array_equal(pixels.reshape(256, 256), grey[:256, :256])
+    status, _, body = daemon.get(f"/slides/{grey_id}_files/{z}/0_0.png")
+    assert status == 200
+    assert imagecodecs.png_decode(body).dtype == np.uint8
+    status, _, body = daemon.get(
+        f"/slides/{slide_id_for('two.ome.tif')}_files/{z}/0_0.png?format=png16"
+    )
+    assert status == 400
+    assert "2 channels" in json.loads(body)["message"]
+    status, _, _ = daemon.get(
+        f"/slides/{slide_id_for('lossy.svs')}_files/{z}/0_0.png?format=png16"
+    )
+    assert status == 400

@@ -495,8 +495,20 @@ async def get_tile(request: web.Request) -> web.Response:
             f"no tile {t_col},{t_row} at DeepZoom level {z} of slide {slide_id}"
         )
     settings = app[SETTINGS]
+    # ?format=png16 sends the stored samples of a lossless slide (8 or 16
+    # bits, no display rendering) in place of the 8-bit RGB display PNG.
+    source_samples = request.query.get("format") == "png16"
+    if source_samples and extension != "png":
+        raise BadRequest("format=png16 applies to .png tiles only")
     etag = etag_for(
-        entry.id, pyramid.generation, pyramid.variant, z, t_col, t_row, extension
+        entry.id,
+        pyramid.generation,
+        pyramid.variant,
+        z,
+        t_col,
+        t_row,
+        extension,
+        "png16" if source_samples else "",
     )
     headers = {
         "ETag": etag,
@@ -508,7 +520,9 @@ async def get_tile(request: web.Request) -> web.Response:
     native = (tile.codec == Codec.JPEG and extension == "jpeg") or (
         tile.codec == Codec.PNG and extension == "png"
     )
-    if native:
+    if source_samples:
+        body = await service.run(source_png, tile)
+    elif native:
         body = tile.data
     else:
         cache_key = pyramid.key(z, t_col, t_row) + b"." + extension.encode()
@@ -529,6 +543,21 @@ async def get_tile(request: web.Request) -> web.Response:
         metrics.level_bucket(geometry.levels_below_full(z)),
     ).inc()
     return web.Response(body=body, content_type=MEDIA_TYPES[extension], headers=headers)
+
+
+def source_png(tile: Tile) -> bytes:
+    """Encode a lossless tile's stored samples as PNG, keeping 16-bit depth."""
+    if tile.codec != Codec.ZSTD:
+        raise BadRequest(
+            "format=png16 needs a lossless slide; this slide's tiles are "
+            f"{tile.codec.label}, so request the plain .png tile"
+        )
+    if tile.samples not in (1, 3, 4):
+        raise BadRequest(
+            f"format=png16 cannot hold {tile.samples} channels in one PNG; "
+            "PNG holds 1, 3 or 4 samples per pixel"
+        )
+    return encode_png(decode_tile(tile))
 
 
 async def healthz(request: web.Request) -> web.Response:
