@@ -162,6 +162,15 @@ class SlidePyramid:
             tile = self.writer.pending(self.key(z, t_col, t_row))
         return tile
 
+    def peek(self, z: int, t_col: int, t_row: int) -> Tile | None:
+        """Return a stored or queued tile like ``cached``, without counting it."""
+        tile = self.store.peek_tile(
+            self.entry.id, self.generation, self.variant, z, t_col, t_row
+        )
+        if tile is None and self.writer is not None:
+            tile = self.writer.pending(self.key(z, t_col, t_row))
+        return tile
+
     def make(self, z: int, t_col: int, t_row: int) -> Tile:
         """Make a tile that is not in the store and queue it and what it needed."""
         made = self.make_many(z, t_col, t_row)
@@ -346,8 +355,8 @@ def _walk_slides(root: str) -> Iterator[str]:
     """Yield paths relative to root of slide files that stay inside the root.
 
     The files of one DICOM series in a folder (one instance per level, plus
-    label and overview) form one slide, yielded once as the series' first
-    file by name; the DICOM reader opens the rest of the series from there.
+    label and overview) form one slide. It is yielded once, as the series'
+    first file by name, and the DICOM reader opens the rest from there.
     """
     for directory, subdirectories, files in os.walk(root, followlinks=False):
         subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
