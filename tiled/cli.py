@@ -133,16 +133,26 @@ def _run_worker(settings: Settings, sock: socket.socket) -> int:
             handle_signals=True,
         )
         await runner.setup()
-        site = web.SockSite(runner, sock)
-        await site.start()
+        loop = asyncio.get_running_loop()
+        fast = None
+        if settings.server.fast_path and not settings.server.access_log:
+            from tiled.fastpath import FastPath
+
+            fast = FastPath(app, runner.server)
+            server = await loop.create_server(fast.protocol, sock=sock)
+        else:
+            site = web.SockSite(runner, sock)
+            await site.start()
         host, port = sock.getsockname()[:2]
         log.info("tiled %s listening on http://%s:%d/", __version__, host, port)
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         log.info("shutting down")
+        if fast is not None:
+            server.close()
+            fast.close()
         await runner.cleanup()
 
     try:

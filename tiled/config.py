@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
-    # Worker processes sharing the port (SO_REUSEPORT); 1 serves in-process.
+    # Worker processes sharing one listening socket; 1 serves in-process.
     workers: int = 1
     # Largest number of source decodes and encodes running at once per worker.
     threads: int = 4
@@ -38,6 +38,9 @@ class ServerSettings:
     cors_origins: list[str] = dataclasses.field(default_factory=lambda: ["*"])
     # Cache-Control max-age of tiles and other content-addressed responses.
     tile_max_age_seconds: int = 86400
+    # Answer DeepZoom JPEG tiles already in the store before aiohttp parses the
+    # request (see tiled/fastpath.py). Off when access_log is on.
+    fast_path: bool = True
 
 
 @dataclasses.dataclass

@@ -256,6 +256,27 @@ def etag_for(*parts: object) -> str:
     return f'"{digest.hexdigest()}"'
 
 
+def tile_etag(
+    pyramid: SlidePyramid,
+    z: int,
+    t_col: int,
+    t_row: int,
+    extension: str,
+    representation: str = "",
+) -> str:
+    """Return the strong ETag of a DeepZoom tile; tiled/fastpath.py uses it too."""
+    return etag_for(
+        pyramid.entry.id,
+        pyramid.generation,
+        pyramid.variant,
+        z,
+        t_col,
+        t_row,
+        extension,
+        representation,
+    )
+
+
 def not_modified(request: web.Request, etag: str) -> bool:
     header = request.headers.get("If-None-Match")
     if not header:
@@ -500,15 +521,8 @@ async def get_tile(request: web.Request) -> web.Response:
     source_samples = request.query.get("format") == "png16"
     if source_samples and extension != "png":
         raise BadRequest("format=png16 applies to .png tiles only")
-    etag = etag_for(
-        entry.id,
-        pyramid.generation,
-        pyramid.variant,
-        z,
-        t_col,
-        t_row,
-        extension,
-        "png16" if source_samples else "",
+    etag = tile_etag(
+        pyramid, z, t_col, t_row, extension, "png16" if source_samples else ""
     )
     headers = {
         "ETag": etag,

@@ -126,14 +126,24 @@ class Store:
         col: int,
         row: int,
     ) -> Tile | None:
+        tile = self.peek_tile(slide_id, generation, variant, level, col, row)
+        metrics.STORE_READS.labels("miss" if tile is None else "hit").inc()
+        return tile
+
+    def peek_tile(
+        self,
+        slide_id: str,
+        generation: int,
+        variant: str,
+        level: int,
+        col: int,
+        row: int,
+    ) -> Tile | None:
+        """Look a tile up like get_tile, without counting the read."""
         value = self._read(
             self._tiles, tile_key(slide_id, generation, variant, level, col, row)
         )
-        if value is None:
-            metrics.STORE_READS.labels("miss").inc()
-            return None
-        metrics.STORE_READS.labels("hit").inc()
-        return Tile.unpack(value)
+        return None if value is None else Tile.unpack(value)
 
     def has_tile(
         self,
