@@ -4,7 +4,9 @@ They show the ceiling of tiled's own stack on the benchmark machine. The
 `load` command copies a vips dzsave tree into an LMDB environment (key
 ``{level}/{col}_{row}``, value the JPEG bytes); `serve` answers
 ``GET /{level}/{col}_{row}.jpg`` from it with one read-only transaction per
-request and no other work: no metrics, no middleware, no access log.
+request and no other work: no metrics, no middleware, no access log. Its
+``--mode`` picks how much HTTP machinery sits in front of that: an aiohttp
+web.Application, aiohttp's low-level web.Server, or a bare asyncio.Protocol.
 """
 
 from __future__ import annotations
@@ -55,6 +57,38 @@ def serve(store: Path, host: str, port: int) -> None:
     app.router.add_get("/{level}/{tile}.jpg", tile)
     uvloop.install()
     web.run_app(app, host=host, port=port, access_log=None, print=None)
+
+
+def serve_low_level(store: Path, host: str, port: int) -> None:
+    """Serve with aiohttp's low-level web.Server: its HTTP parser and response
+    writer, but no router, no middleware chain and no Application."""
+    import asyncio
+
+    import uvloop
+    from aiohttp import web
+
+    env = lmdb.open(str(store), readonly=True, lock=False, readahead=False)
+
+    async def handle(request: web.BaseRequest) -> web.Response:
+        path = request.path
+        if path == "/health":
+            return web.Response(text="ok")
+        data = None
+        if path.endswith(".jpg"):
+            with env.begin() as txn:
+                data = txn.get(path[1:-4].encode())
+        if data is None:
+            return web.Response(status=404)
+        return web.Response(body=data, content_type="image/jpeg")
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        server = web.Server(handle, access_log=None)
+        listener = await loop.create_server(server, host, port, backlog=1024)
+        async with listener:
+            await listener.serve_forever()
+
+    uvloop.run(run())
 
 
 class TileProtocol:
@@ -138,14 +172,20 @@ def main(argv: list[str]) -> int:
     serve_parser.add_argument("--host", default="127.0.0.1")
     serve_parser.add_argument("--port", type=int, default=8001)
     serve_parser.add_argument(
-        "--protocol", action="store_true", help="use TileProtocol instead of aiohttp"
+        "--mode",
+        choices=("app", "low-level", "protocol"),
+        default="app",
+        help="app: aiohttp web.Application (default); low-level: aiohttp "
+        "web.Server; protocol: TileProtocol, no HTTP framework",
     )
     args = parser.parse_args(argv)
     if args.command == "load":
         count = load_tree(args.tree, args.store)
         print(f"loaded {count} tiles into {args.store}")
-    elif args.protocol:
+    elif args.mode == "protocol":
         serve_protocol(args.store, args.host, args.port)
+    elif args.mode == "low-level":
+        serve_low_level(args.store, args.host, args.port)
     else:
         serve(args.store, args.host, args.port)
     return 0

@@ -402,25 +402,33 @@ class TiledPeer(Peer):
         return f"/slides/{self.slide_id}_files/{tile.level}/{tile.col}_{tile.row}.jpeg"
 
 
+MINIMAL_MODES = {
+    "app": (
+        "minimal aiohttp + LMDB",
+        "bench/minimal_server.py: aiohttp web.Application on uvloop, one LMDB "
+        "get per request, no middleware",
+    ),
+    "low-level": (
+        "minimal aiohttp low-level + LMDB",
+        "bench/minimal_server.py --mode low-level: aiohttp web.Server on uvloop "
+        "(no router, no Application), one LMDB get per request",
+    ),
+    "protocol": (
+        "minimal uvloop protocol + LMDB",
+        "bench/minimal_server.py --mode protocol: a bare asyncio.Protocol on "
+        "uvloop, one LMDB get per request",
+    ),
+}
+
+
 class MinimalPeer(Peer):
-    """bench/minimal_server.py: aiohttp + uvloop + LMDB with nothing else."""
+    """bench/minimal_server.py: uvloop + LMDB with little or no HTTP framework."""
 
     def __init__(
-        self, run_dir: Path, cpu: str, dz_dir: Path, store: Path, protocol: bool = False
+        self, run_dir: Path, cpu: str, dz_dir: Path, store: Path, mode: str = "app"
     ) -> None:
-        self.protocol = protocol
-        if protocol:
-            self.name = "minimal uvloop protocol + LMDB"
-            self.description = (
-                "bench/minimal_server.py --protocol: a bare "
-                "asyncio.Protocol on uvloop, one LMDB get per request"
-            )
-        else:
-            self.name = "minimal aiohttp + LMDB"
-            self.description = (
-                "bench/minimal_server.py: aiohttp web.Application "
-                "on uvloop, one LMDB get per request, no middleware"
-            )
+        self.mode = mode
+        self.name, self.description = MINIMAL_MODES[mode]
         super().__init__(run_dir, cpu)
         self.tree = dz_dir.resolve() / "slide_files"
         self.store = store.resolve()
@@ -448,9 +456,9 @@ class MinimalPeer(Peer):
             str(self.store),
             "--port",
             str(self.port),
+            "--mode",
+            self.mode,
         ]
-        if self.protocol:
-            command.append("--protocol")
         process = Process(self.name, command, self.run_dir / "server.log", self.cpu)
         process.start()
         self.processes.append(process)

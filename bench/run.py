@@ -29,7 +29,24 @@ import slide  # noqa: E402
 
 log = logging.getLogger("bench")
 
-PEER_KEYS = ("nginx", "iip-memcached", "iip", "minimal", "minimal-protocol", "tiled")
+PEER_KEYS = (
+    "nginx",
+    "iip-memcached",
+    "iip",
+    "minimal",
+    "minimal-low-level",
+    "minimal-protocol",
+    "tiled",
+)
+# minimal-low-level is left out by default to keep a full run short.
+DEFAULT_PEERS = (
+    "nginx",
+    "iip-memcached",
+    "iip",
+    "minimal",
+    "minimal-protocol",
+    "tiled",
+)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -87,8 +104,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--height", type=int, default=30000, help="slide height in px")
     parser.add_argument(
         "--peers",
-        default=",".join(PEER_KEYS),
-        help=f"comma-separated subset of {','.join(PEER_KEYS)}",
+        default=",".join(DEFAULT_PEERS),
+        help=f"comma-separated subset of {','.join(PEER_KEYS)} "
+        f"(default {','.join(DEFAULT_PEERS)})",
     )
     parser.add_argument(
         "--server-cpu",
@@ -198,7 +216,7 @@ def build_peers(
             built.append(peers.IipPeer(run_dir, args.server_cpu, info.path, True))
         elif key == "iip":
             built.append(peers.IipPeer(run_dir, args.server_cpu, info.path, False))
-        elif key in ("minimal", "minimal-protocol"):
+        elif key.startswith("minimal"):
             dz_dir = slide.build_dzsave_tree(info.path, args.data_dir / "dz")
             built.append(
                 peers.MinimalPeer(
@@ -206,7 +224,7 @@ def build_peers(
                     args.server_cpu,
                     dz_dir.parent,
                     args.data_dir / "minimal-lmdb",
-                    protocol=key == "minimal-protocol",
+                    mode=key.removeprefix("minimal-") if "-" in key else "app",
                 )
             )
         elif key == "tiled":
