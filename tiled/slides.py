@@ -405,8 +405,12 @@ def _dicom_series_uid(path: str) -> str | None:
 
     series_uid = None
     if is_dicom_file(path):
-        import pydicom
-
+        try:
+            import pydicom
+        except ImportError:
+            # Listed alone, so its error says that pydicom is missing.
+            _SERIES_UIDS[path] = (status.st_size, status.st_mtime_ns, path)
+            return path
         try:
             dataset = pydicom.dcmread(
                 path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]

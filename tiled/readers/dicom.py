@@ -22,8 +22,13 @@ import threading
 from collections.abc import Mapping
 
 import numpy as np
-import pydicom
-from pydicom.errors import InvalidDicomError
+
+try:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+except ImportError:  # DICOM support is optional: pydicom and wsidicom
+    pydicom = None
+    InvalidDicomError = ValueError
 
 from tiled.codecs import Codec, Tile, jpeg_with_tables, pack_raw
 from tiled.errors import CorruptSlide, UnsupportedSlide
@@ -118,6 +123,13 @@ class DicomReader(SlideReader):
         super().__init__(path)
         if not is_dicom_file(self.path):
             raise UnsupportedSlide("not a DICOM file")
+        if pydicom is None:
+            raise recognised(
+                UnsupportedSlide(
+                    "reading DICOM needs pydicom and wsidicom; install them with "
+                    "pip install pydicom wsidicom"
+                )
+            )
         header = read_header(self.path)
         if str(header.get("SOPClassUID", "")) != VL_WHOLE_SLIDE:
             raise recognised(
