@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -240,6 +241,10 @@ def run_playbook(
     if diff:
         cmdline.append("--diff")
     private_data_dir.mkdir(parents=True, exist_ok=True)
+    # ansible-runner saves cmdline, extravars and envvars under env/ and reads
+    # them back on the next run, so a --check run would turn later runs into
+    # dry runs too. Each run starts from an empty env/.
+    shutil.rmtree(private_data_dir / "env", ignore_errors=True)
     runner = ansible_runner.run(
         private_data_dir=str(private_data_dir),
         project_dir=str(playbooks_dir),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -13,6 +15,7 @@ from provisioning.runner import (
     format_diff,
     format_event,
     format_summary,
+    run_playbook,
     summarize,
 )
 
@@ -204,3 +207,28 @@ def test_cli_validate_only_writes_inventory(tmp_path: Path, capsys) -> None:
     assert (workdir / "inventory.yml").is_file()
     assert not (workdir / "wheelhouse").exists()
     assert "valid, 1 nodes" in capsys.readouterr().out
+
+
+def test_run_forgets_previous_check_mode(tmp_path: Path, monkeypatch) -> None:
+    ansible_runner = pytest.importorskip("ansible_runner")
+    private_data_dir = tmp_path / "runner"
+    (private_data_dir / "env").mkdir(parents=True)
+    (private_data_dir / "env" / "cmdline").write_text("--check")
+    seen = {}
+
+    def fake_run(**kwargs):
+        seen.update(kwargs)
+        seen["cmdline_file"] = (private_data_dir / "env" / "cmdline").exists()
+        kwargs["event_handler"](STATS)
+        return SimpleNamespace(status="successful", rc=0)
+
+    monkeypatch.setattr(ansible_runner, "run", fake_run)
+
+    result = run_playbook(
+        "site.yml", tmp_path / "inventory.yml", private_data_dir, out=io.StringIO()
+    )
+
+    assert seen["cmdline_file"] is False
+    assert seen["cmdline"] is None
+    assert seen["playbook"] == "site.yml"
+    assert result.hosts["store1"].changed == 3

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from email.message import Message
 from pathlib import Path
 
 import pytest
@@ -33,13 +35,17 @@ SUMMARY_LINE = re.compile(
 )
 
 
-def http_get(url: str, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
-    """GET ``url``; return the status, headers and body, also for error statuses."""
+def http_get(url: str, timeout: float = 10) -> tuple[int, Message, bytes]:
+    """Send a GET request and return the status, headers and body, even on errors.
+
+    The headers object looks names up case-insensitively: HAProxy sends them
+    in lower case.
+    """
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, dict(response.headers), response.read()
+            return response.status, response.headers, response.read()
     except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers), error.read()
+        return error.code, error.headers, error.read()
 
 
 def provision(
@@ -86,7 +92,7 @@ def cluster_file(test_hosts: dict, slide_dir: Path) -> Path:
         "tiled": {"port": TILED_PORT},
         "front": {"port": FRONT_PORT, "stats_port": 8404},
         "vars": {
-            # The hosts have no route out; apt installs from their preloaded cache.
+            # The hosts have no route out, so apt installs from their preloaded cache.
             "tiled_storage_apt_update_cache": False,
             "tiled_front_apt_update_cache": False,
             "tiled_monitoring_apt_update_cache": False,
@@ -165,6 +171,8 @@ def test_second_run_changes_nothing(cluster_file: Path, run_dir: Path) -> None:
 
 
 def test_check_mode_after_converge(cluster_file: Path, run_dir: Path) -> None:
+    # One storage node is enough to cover the check-mode paths of the roles
+    # that matter (disk, pip, templates) and keeps the run short.
     result = provision(
         cluster_file,
         run_dir,
@@ -172,10 +180,14 @@ def test_check_mode_after_converge(cluster_file: Path, run_dir: Path) -> None:
         str(run_dir / "wheelhouse"),
         "--check",
         "--diff",
+        "--limit",
+        "store2",
     )
 
     assert result.returncode == 0
-    assert all(counts["failed"] == 0 for counts in summary_of(result.stdout).values())
+    summary = summary_of(result.stdout)
+    assert set(summary) == {"store2"}
+    assert summary["store2"]["failed"] == 0
 
 
 def test_data_volume_and_service(test_hosts: dict) -> None:
@@ -198,6 +210,7 @@ def test_unit_refuses_to_start_without_volume(test_hosts: dict) -> None:
         state = host.shell("systemctl is-active tiled", check=False).stdout.strip()
     finally:
         host.shell("mount /srv/tiled && systemctl start tiled")
+        wait_healthy(host.address)
 
     assert start.returncode != 0
     assert state != "active"
@@ -288,7 +301,7 @@ def test_failover_moves_slides(test_hosts: dict) -> None:
             try:
                 status, response_headers, body = http_get(front, timeout=5)
             except OSError as error:
-                status, response_headers, body = 0, {}, str(error).encode()
+                status, response_headers, body = 0, Message(), str(error).encode()
             results.append(
                 (time.monotonic(), status, response_headers.get("X-Served-By"), body)
             )
@@ -314,3 +327,89 @@ def test_failover_moves_slides(test_hosts: dict) -> None:
     assert not failed, f"requests failed during failover: {failed[:5]}"
     assert {server for _, _, server, _ in after} == {other}
     assert all(body == expected for *_, body in after)
+
+
+def build_newer_wheelhouse(old: Path, target: Path) -> str:
+    """Copy ``old``, add a tiled-wsi wheel of a higher version, return the version."""
+    version = "0.1.0.post1"
+
+    source = target.parent / "source"
+    shutil.copytree(
+        REPO_ROOT,
+        source,
+        ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__"),
+    )
+    pyproject = source / "pyproject.toml"
+    text = pyproject.read_text()
+    current = re.search(r'^version = "([^"]+)"', text, re.MULTILINE)
+    assert current, "no version line in pyproject.toml"
+    pyproject.write_text(text.replace(current[0], f'version = "{version}"', 1))
+
+    shutil.copytree(old, target)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "-w",
+            str(target),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return version
+
+
+def test_rolling_upgrade_keeps_serving(
+    test_hosts: dict, cluster_file: Path, run_dir: Path, tmp_path: Path
+) -> None:
+    store1 = test_hosts["store1"]
+    version = build_newer_wheelhouse(run_dir / "wheelhouse", tmp_path / "wheelhouse")
+    ids = slide_ids(store1.address)
+    front = f"http://{store1.address}:{FRONT_PORT}/slides/{ids[0]}_files/10/0_0.jpeg"
+    statuses: list[int] = []
+    servers: set[str | None] = set()
+    stop = threading.Event()
+
+    def fetch_loop() -> None:
+        while not stop.is_set() and len(statuses) < 5000:
+            try:
+                status, headers, _ = http_get(front, timeout=5)
+                servers.add(headers.get("X-Served-By"))
+            except OSError:
+                status = 0
+            statuses.append(status)
+            time.sleep(0.1)
+
+    fetcher = threading.Thread(target=fetch_loop)
+    fetcher.start()
+    try:
+        result = provision(
+            cluster_file,
+            run_dir,
+            "--wheelhouse",
+            str(tmp_path / "wheelhouse"),
+            "--playbook",
+            "upgrade.yml",
+        )
+    finally:
+        stop.set()
+        fetcher.join()
+
+    assert result.returncode == 0
+    assert statuses, "no requests were sent during the upgrade"
+    assert set(statuses) == {200}, (
+        f"failed requests: {len(statuses) - statuses.count(200)}"
+    )
+    assert servers == {"store1", "store2"}, "each node should have been drained in turn"
+    for name in ("store1", "store2"):
+        installed = (
+            test_hosts[name]
+            .shell("/opt/tiled/venv/bin/python -m pip show tiled-wsi")
+            .stdout
+        )
+        assert f"Version: {version}" in installed, name
