@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import functools
 import hashlib
 import logging
 import os
@@ -150,6 +151,12 @@ class SlidePyramid:
             self.record = store.register_slide(record)
             self.generation = self.record["generation"]
             self.complete = self.variant in self.record.get("complete", [])
+
+    @functools.cached_property
+    def etag_prefix(self) -> str:
+        """Hash of slide, generation and variant, shared by this pyramid's ETags."""
+        text = f"{self.entry.id}/{self.generation}/{self.variant}"
+        return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
     def key(self, z: int, t_col: int, t_row: int) -> bytes:
         return tile_key(self.entry.id, self.generation, self.variant, z, t_col, t_row)
