@@ -260,10 +260,10 @@ def test_dicom_files_without_suffix_form_one_slide(tmp_path):
     dataset.ImageType = ["ORIGINAL", "PRIMARY", "LABEL", "NONE"]
     dataset.save_as(folder / "7_0", enforce_file_format=True)
     (folder / "notes").write_text("not a slide")
-    from tiled.slides import _walk_slides
+    from tiled.slides import walk_slides
 
     # One entry for the series: its first file by name.
-    assert list(_walk_slides(str(tmp_path))) == ["series/7_0"]
+    assert list(walk_slides(str(tmp_path))) == ["series/7_0"]
 
 
 def test_non_wsi_dicom_rejected(tmp_path):

@@ -171,8 +171,7 @@ def command_ingest(args: argparse.Namespace) -> int:
 
     from tiled.errors import TiledError
     from tiled.ingest import count_tiles, entry_for, ingest_slide
-    from tiled.readers import SLIDE_SUFFIXES
-    from tiled.slides import ReaderCache, SlidePyramid, default_store_path
+    from tiled.slides import ReaderCache, SlidePyramid, default_store_path, walk_slides
     from tiled.store import Store
 
     settings = _settings(args)
@@ -180,10 +179,11 @@ def command_ingest(args: argparse.Namespace) -> int:
     paths: list[tuple[str, list[str]]] = []
     for path in args.slides:
         if os.path.isdir(path):
-            for directory, _, files in os.walk(path):
-                for name in sorted(files):
-                    if os.path.splitext(name)[1].lower() in SLIDE_SUFFIXES:
-                        paths.append((os.path.join(directory, name), [path] + roots))
+            # The daemon's scan, so DICOM series and files without a suffix
+            # are found the same way.
+            folder = os.path.realpath(path)
+            for relative in walk_slides(folder):
+                paths.append((os.path.join(folder, relative), [folder] + roots))
         elif os.path.isfile(path):
             paths.append((path, roots))
         else:

@@ -272,7 +272,7 @@ class Catalog:
         """Find slide files under the roots; keep state of slides still present."""
         found: dict[str, SlideEntry] = {}
         for root in self.roots:
-            for relative_path in _walk_slides(root):
+            for relative_path in walk_slides(root):
                 slide_id = slide_id_for(relative_path)
                 if slide_id in found:
                     log.warning(
@@ -358,7 +358,7 @@ class Catalog:
         self.readers.close()
 
 
-def _walk_slides(root: str) -> Iterator[str]:
+def walk_slides(root: str) -> Iterator[str]:
     """Yield paths relative to root of slide files that stay inside the root.
 
     The files of one DICOM series in a folder (one instance per level, plus
