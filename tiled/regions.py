@@ -21,6 +21,7 @@ import io
 import json
 import math
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ from aiohttp import MultipartWriter, web
 from PIL import Image
 
 from tiled import metrics
-from tiled.codecs import Codec, Tile, encode_jpeg, encode_png, to_rgb8
+from tiled.codecs import Codec, Tile, encode_jpeg, encode_png
 from tiled.config import LimitsSettings
 from tiled.errors import BadRequest, NotFound
 from tiled.pyramid import TileMaker
@@ -184,11 +185,14 @@ async def render(
     out_width: int,
     out_height: int,
     limits: LimitsSettings,
+    source_samples: bool = False,
 ) -> np.ndarray:
-    """Return a level-0 box resampled to exactly out_width x out_height, 8-bit RGB.
+    """Return a level-0 box resampled to exactly out_width x out_height.
 
-    Area outside the slide is white. Raise BadRequest if the output exceeds
-    the limits.
+    The pixels are the reader's 8-bit RGB rendering, or with
+    ``source_samples`` the stored samples at their own bit depth and channel
+    count (for .npy output). Area outside the slide is white. Raise
+    BadRequest if the output exceeds the limits.
     """
     check_output_size(out_width, out_height, limits)
     if box.width <= 0 or box.height <= 0:
@@ -208,8 +212,17 @@ async def render(
     try:
         pixels = await read_level_region(service, pyramid, z, z_x0, z_y0, z_x1, z_y1)
         downsample = pyramid.geometry.downsample(z)
+        display = None if source_samples else pyramid.to_display
         return await service.run(
-            _resample, pixels, box, downsample, z_x0, z_y0, out_width, out_height
+            _resample,
+            pixels,
+            box,
+            downsample,
+            z_x0,
+            z_y0,
+            out_width,
+            out_height,
+            display,
         )
     finally:
         if gate is not None:
@@ -224,8 +237,10 @@ def _resample(
     z_y0: int,
     out_width: int,
     out_height: int,
+    display: Callable[[np.ndarray], np.ndarray] | None,
 ) -> np.ndarray:
-    pixels = to_rgb8(pixels)
+    if display is not None:
+        pixels = display(pixels)
     left = box.x / downsample - z_x0
     top = box.y / downsample - z_y0
     right = (box.x + box.width) / downsample - z_x0
@@ -236,12 +251,31 @@ def _resample(
         out_height,
     ):
         return pixels
-    image = Image.fromarray(pixels).resize(
-        (out_width, out_height),
-        Image.Resampling.LANCZOS,
-        box=(left, top, right, bottom),
-    )
-    return np.asarray(image)
+    if pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] in (3, 4):
+        image = Image.fromarray(pixels).resize(
+            (out_width, out_height),
+            Image.Resampling.LANCZOS,
+            box=(left, top, right, bottom),
+        )
+        return np.asarray(image)
+    # Other sample counts and depths are resampled one channel at a time as
+    # 32-bit float, then rounded back into the source type's range.
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    channels = []
+    for index in range(pixels.shape[2]):
+        channel = Image.fromarray(pixels[:, :, index].astype(np.float32), mode="F")
+        channel = channel.resize(
+            (out_width, out_height),
+            Image.Resampling.LANCZOS,
+            box=(left, top, right, bottom),
+        )
+        channels.append(np.asarray(channel))
+    stacked = np.stack(channels, axis=2)
+    if np.issubdtype(pixels.dtype, np.integer):
+        info = np.iinfo(pixels.dtype)
+        stacked = np.clip(np.rint(stacked), info.min, info.max)
+    return stacked.astype(pixels.dtype)
 
 
 def encode_image(
@@ -352,7 +386,9 @@ async def get_region(request: web.Request) -> web.StreamResponse:
         return web.Response(status=304, headers={"ETag": etag})
     box = Box(x, y, width * scale_x, height * scale_y)
     service = service_of(request)
-    pixels = await render(service, pyramid, box, width, height, limits)
+    pixels = await render(
+        service, pyramid, box, width, height, limits, image_format == "npy"
+    )
     body = await service.run(encode_image, pixels, image_format, quality)
     response = _response(request, body, image_format, etag)
     response.headers["X-Tiled-Downsample"] = f"{scale_x:g},{scale_y:g}"
@@ -402,7 +438,9 @@ async def get_thumbnail(request: web.Request) -> web.StreamResponse:
         return web.Response(status=304, headers={"ETag": etag})
     service = service_of(request)
     box = Box(0, 0, width, height)
-    pixels = await render(service, pyramid, box, out_width, out_height, limits)
+    pixels = await render(
+        service, pyramid, box, out_width, out_height, limits, image_format == "npy"
+    )
     body = await service.run(encode_image, pixels, image_format, quality)
     return _response(request, body, image_format, etag)
 

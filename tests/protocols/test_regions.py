@@ -7,7 +7,8 @@ import io
 
 import numpy as np
 import pytest
-from conftest import JPEG_SIZE, LOSSLESS_SIZE, pattern_pixels
+import tifffile
+from conftest import JPEG_SIZE, LOSSLESS_SIZE, make_settings, pattern_pixels
 from PIL import Image
 
 
@@ -167,3 +168,31 @@ async def test_protocols_agree(client):
     assert np.array_equal(deepzoom, iiif)
     assert np.abs(deepzoom.astype(int) - dicom.astype(int)).max() <= 2
     assert np.array_equal(coarse_region, coarse_iiif)
+
+
+async def test_npy_region_keeps_16_bit_samples(tmp_path):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from tiled.server import create_app
+
+    y, x = np.mgrid[0:300, 0:400]
+    pixels = ((x * 100 + y * 7) % 65536).astype(np.uint16)
+    tifffile.imwrite(
+        tmp_path / "deep.tif",
+        pixels,
+        tile=(128, 128),
+        compression="zlib",
+        photometric="minisblack",
+        metadata=None,
+    )
+    settings = make_settings(tmp_path, tmp_path / "store", {"deep": "deep.tif"})
+    async with TestClient(TestServer(create_app(settings))) as client:
+        url = "/slides/deep/region?x=10&y=20&width=100&height=50&format=npy"
+        exact = await fetch_npy(client, url)
+        assert exact.dtype == np.uint16
+        assert exact.shape[:2] == (50, 100)
+        assert np.array_equal(exact.reshape(50, 100), pixels[20:70, 10:110])
+        url = "/slides/deep/region?x=0&y=0&width=100&height=75&level=2&format=npy"
+        halved = await fetch_npy(client, url)
+        assert halved.dtype == np.uint16
+        assert halved.shape[:2] == (75, 100)
