@@ -38,7 +38,7 @@ class ServerSettings:
     cors_origins: list[str] = dataclasses.field(default_factory=lambda: ["*"])
     # Cache-Control max-age of tiles and other content-addressed responses.
     tile_max_age_seconds: int = 86400
-    # Answer DeepZoom JPEG tiles already in the store before aiohttp parses the
+    # Serve DeepZoom JPEG tiles already in the store before aiohttp parses the
     # request (see tiled/fastpath.py). Off when access_log is on.
     fast_path: bool = True
 

@@ -182,7 +182,7 @@ def _matches(if_none_match: bytes, etag: bytes) -> bool:
 
 
 class FastPathProtocol(asyncio.Protocol):
-    """One connection, answered here until a request needs aiohttp."""
+    """One connection, served here until a request needs aiohttp."""
 
     def __init__(self, fast: FastPath) -> None:
         self.fast = fast

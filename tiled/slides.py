@@ -415,7 +415,7 @@ def _dicom_series_uid(path: str) -> str | None:
         try:
             import pydicom
         except ImportError:
-            # Listed alone, so its error says that pydicom is missing.
+            # Listed alone, so its error names the missing pydicom package.
             _SERIES_UIDS[path] = (status.st_size, status.st_mtime_ns, path)
             return path
         try:
