@@ -6,7 +6,7 @@ near the throughput of an image server that decodes nothing. Hot tiles are
 most of a viewer's traffic, so each connection starts on this protocol:
 
 - A bodiless GET or HEAD of ``/slides/{id}_files/{z}/{col}_{row}.jpeg`` whose
-  slide is open and whose tile is already a JPEG in the store is answered
+  slide is open and whose tile is already a JPEG in the store is served
   here, with the same status, headers and body as the aiohttp route.
 - Anything else (another path, a query string, a body, an Upgrade header, a
   tile still to be made, a parse error) hands the connection, with every
