@@ -255,6 +255,13 @@ def test_tile_through_front_matches_nodes(test_hosts: dict) -> None:
     assert headers.get("Content-Type") == "image/jpeg"
     assert via_front[:2] == b"\xff\xd8"
     assert headers.get("X-Served-By") in {"store1", "store2"}
+    # Every protocol's path for one slide hashes to the same node.
+    for path in (f"/slides/{ids[0]}.dzi", f"/iiif/3/{ids[0]}/info.json"):
+        other_status, other_headers, _ = http_get(
+            f"http://{store1.address}:{FRONT_PORT}{path}"
+        )
+        assert other_status == 200, path
+        assert other_headers.get("X-Served-By") == headers.get("X-Served-By"), path
     for name, (direct_status, _, body) in direct.items():
         assert direct_status == 200, name
         assert body == via_front, f"tile from {name} differs from the front's"

@@ -6,7 +6,9 @@ import copy
 from typing import Any
 
 
-def tiled_grafana_datasources(source: dict[str, Any] | None, url: str) -> dict[str, Any]:
+def tiled_grafana_datasources(
+    source: dict[str, Any] | None, url: str
+) -> dict[str, Any]:
     """Return datasource provisioning with every Prometheus datasource at ``url``.
 
     Without a ``source`` it returns one default Prometheus datasource.
@@ -31,7 +33,9 @@ def tiled_grafana_datasources(source: dict[str, Any] | None, url: str) -> dict[s
     return config
 
 
-def tiled_grafana_dashboards(source: dict[str, Any] | None, path: str) -> dict[str, Any]:
+def tiled_grafana_dashboards(
+    source: dict[str, Any] | None, path: str
+) -> dict[str, Any]:
     """Return dashboard provisioning whose file providers read ``path``."""
     config = copy.deepcopy(source) if source else {"apiVersion": 1, "providers": []}
     providers = config.setdefault("providers", [])
