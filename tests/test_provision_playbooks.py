@@ -15,7 +15,6 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PLAYBOOKS = REPO_ROOT / "playbooks"
 MONITORING = REPO_ROOT / "monitoring"
-FILTERS = PLAYBOOKS / "roles" / "tiled_monitoring" / "filter_plugins"
 
 INVENTORY = {
     "all": {
@@ -43,8 +42,9 @@ def need(tool: str) -> str:
     return path
 
 
-def load_filter(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, FILTERS / f"{name}.py")
+def load_filter(name: str, role: str = "tiled_monitoring") -> ModuleType:
+    path = PLAYBOOKS / "roles" / role / "filter_plugins" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -236,3 +236,19 @@ def test_grafana_filters_point_at_node() -> None:
         ]
         == "prometheus"
     )
+
+
+def test_wheel_versions_sorted_by_pep440() -> None:
+    module = load_filter("wheels", role="tiled_storage")
+    paths = [
+        "/w/tiled_wsi-0.2.0-py3-none-any.whl",
+        "/w/tiled_wsi-0.2.0rc1-py3-none-any.whl",
+        "/w/tiled_wsi-0.10.0-py3-none-any.whl",
+        "/w/tiled_wsi-0.1.0.post1-py3-none-any.whl",
+        "/w/numpy-2.4.6-cp311-cp311-manylinux_2_28_x86_64.whl",
+        "/w/not-a-wheel.whl",
+    ]
+
+    versions = module.tiled_wheel_versions(paths, "tiled-wsi")
+
+    assert versions == ["0.1.0.post1", "0.2.0rc1", "0.2.0", "0.10.0"]
