@@ -128,8 +128,28 @@ def test_split_and_malformed_heads(daemon, hot_tile):
         ((status, _, _),) = read_responses(sock, 1)
         assert status == 200
         sock.sendall(b"GET /\x00bad HTTP/1.1\r\n\r\n")
-        ((status, _, _),) = read_responses(sock, 1)
+        ((status, headers, body),) = read_responses(sock, 1)
         assert status == 400
+        assert headers["content-type"].startswith("application/json")
+        assert headers["cache-control"] == "no-store"
+        assert b'"status":400' in body
+
+
+@pytest.mark.parametrize(
+    ("message", "status"),
+    [
+        (b"GET /slides/" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\n" + b"X-Long: " + b"b" * 20000 + b"\r\n\r\n", 431),
+    ],
+    ids=["long-line", "long-head"],
+)
+def test_oversized_heads_get_json(daemon, message, status):
+    with socket.create_connection(("127.0.0.1", daemon.port)) as sock:
+        sock.sendall(message)
+        ((got, headers, body),) = read_responses(sock, 1)
+        assert got == status
+        assert headers["content-type"].startswith("application/json")
+        assert f'"status":{status}'.encode() in body
 
 
 def test_fast_path_counts_metrics(daemon, hot_tile):

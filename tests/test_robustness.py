@@ -148,11 +148,6 @@ def test_malformed_target_gets_json_error(daemon, slide, patient_root, target):
     assert_json_error(status, headers, body, [patient_root])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="aiohttp rejects a request line over 8190 bytes with a text/plain 400 "
-    "that has no Cache-Control: no-store",
-)
 def test_overlong_target_gets_json_error(daemon, patient_root):
     status, headers, body = raw_get(daemon, "/slides/" + "a" * 9000)
     assert_json_error(status, headers, body, [patient_root])
@@ -212,10 +207,6 @@ def test_batch_oversized_body_is_413(daemon, slide):
     assert daemon.get("/healthz")[0] == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="json.loads raises RecursionError on deep nesting, which becomes a 500",
-)
 def test_batch_deeply_nested_json_is_400(daemon, slide, patient_root):
     body = b"[" * 30000 + b"]" * 30000
     status, headers, reply = post(daemon, f"/slides/{slide}/tiles", body)
@@ -292,11 +283,6 @@ def test_concurrent_first_requests_have_no_5xx(daemon):
     assert daemon.alive()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="16-bit sources: read_level_region fills a uint8 array with 65535, "
-    "so tiles made from finer tiles raise OverflowError (500)",
-)
 def test_uint16_ome_tiff_coarse_tiles(make_daemon):
     path = sample("ome-tiff/tiledb-bioimaging/rand_uint16.ome.tiff")
     server = make_daemon([path.parent])
@@ -311,11 +297,6 @@ def test_uint16_ome_tiff_coarse_tiles(make_daemon):
     assert status == 200, body[:200]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tiled ingest puts a folder argument before --root, so slides in a "
-    "subfolder get ids relative to that folder, not to the daemon's root",
-)
 def test_ingest_subfolder_uses_root_id(patient_root, tmp_path):
     command = [
         sys.executable, "-m", "tiled", "ingest", "--quiet",

@@ -182,8 +182,10 @@ def command_ingest(args: argparse.Namespace) -> int:
             # The daemon's scan, so DICOM series and files without a suffix
             # are found the same way.
             folder = os.path.realpath(path)
+            # A configured root that contains the folder decides the ids, as
+            # it does for the daemon; the folder itself only when none does.
             for relative in walk_slides(folder):
-                paths.append((os.path.join(folder, relative), [folder] + roots))
+                paths.append((os.path.join(folder, relative), roots + [folder]))
         elif os.path.isfile(path):
             paths.append((path, roots))
         else:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import http
+import json
 import re
 import time
 from collections.abc import Callable
@@ -32,8 +34,15 @@ from tiled import metrics
 from tiled.codecs import Codec
 from tiled.server import CATALOG, SETTINGS, tile_etag
 
-# Heads longer than this go to aiohttp, which rejects them with its own limits.
+# Request lines and heads longer than these get a JSON 414 or 431. aiohttp's
+# own parser stops at 8190 bytes per line, with a plain-text error.
+MAX_LINE_BYTES = 8190
 MAX_HEAD_BYTES = 16384
+
+
+class _MalformedRequest(Exception):
+    """Raised by _answer when httptools cannot parse a request head."""
+
 
 TILE_TARGET = re.compile(
     rb"^/slides/([A-Za-z0-9._-]{1,128})_files/(\d{1,2})/(\d{1,7})_(\d{1,7})\.(jpe?g)$"
@@ -79,6 +88,9 @@ class FastPath:
             for method in ("GET", "HEAD")
             for status in ("2xx", "3xx")
         }
+        # Requests rejected before routing count under the catch-all route,
+        # as unknown paths do in the aiohttp middleware.
+        self.rejected = metrics.HTTP_REQUESTS.labels("viewer", "GET", "4xx")
         self.duration = metrics.HTTP_REQUEST_DURATION.labels("deepzoom")
         self.response_bytes = metrics.HTTP_RESPONSE_BYTES.labels("deepzoom")
         self.store_hits = metrics.STORE_READS.labels("hit")
@@ -229,13 +241,23 @@ class FastPathProtocol(asyncio.Protocol):
         self.buffer = b""
         while buffer:
             end = buffer.find(b"\r\n\r\n")
-            if end < 0:
+            line_end = buffer.find(b"\r\n", 0, MAX_LINE_BYTES + 2)
+            if line_end < 0 and len(buffer) > MAX_LINE_BYTES:
+                self._reject(414, "uri_too_long", "the request line is too long")
+                return
+            if end < 0 or end > MAX_HEAD_BYTES:
                 if len(buffer) > MAX_HEAD_BYTES:
-                    self._hand_over(buffer)
+                    self._reject(
+                        431, "headers_too_large", "the request headers are too large"
+                    )
                 else:
                     self.buffer = buffer
                 return
-            response, keep_alive = self._answer(buffer[: end + 4])
+            try:
+                response, keep_alive = self._answer(buffer[: end + 4])
+            except _MalformedRequest:
+                self._reject(400, "bad_request", "the request is not valid HTTP/1.1")
+                return
             if response is None:
                 self._hand_over(buffer)
                 return
@@ -252,8 +274,10 @@ class FastPathProtocol(asyncio.Protocol):
         self._complete = False
         try:
             self.parser.feed_data(head)
-        except httptools.HttpParserError:
+        except httptools.HttpParserUpgrade:
             return None, True
+        except httptools.HttpParserError:
+            raise _MalformedRequest from None
         # A request that announces a body is not complete at the blank line.
         if not self._complete:
             return None, True
@@ -274,6 +298,27 @@ class FastPathProtocol(asyncio.Protocol):
             http_10,
         )
         return response, keep_alive
+
+    def _reject(self, status: int, code: str, message: str) -> None:
+        """Send a JSON error like the aiohttp middleware's, then close."""
+        body = json.dumps(
+            {"error": code, "message": message, "status": status},
+            separators=(",", ":"),
+        ).encode()
+        reason = http.HTTPStatus(status).phrase.encode()
+        head = b"\r\n".join(
+            [
+                b"HTTP/1.1 %d %s" % (status, reason),
+                b"Date: " + self.fast.date.now(),
+                b"Content-Type: application/json; charset=utf-8",
+                b"Content-Length: %d" % len(body),
+                b"Cache-Control: no-store",
+                b"Connection: close",
+            ]
+        )
+        self.fast.rejected.inc()
+        self.transport.write(head + b"\r\n\r\n" + body)
+        self.transport.close()
 
     def _hand_over(self, unanswered: bytes) -> None:
         """Give the connection and its unanswered bytes to aiohttp for good."""

@@ -144,6 +144,13 @@ def downsample_2x(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
 TileFetcher = Callable[[int, int, int], Tile]
 
 
+def _white(dtype: np.dtype) -> int | float:
+    """Return the largest value of a sample type, white for background."""
+    if np.issubdtype(dtype, np.integer):
+        return int(np.iinfo(dtype).max)
+    return 1.0
+
+
 def check_jpeg(data: bytes) -> None:
     """Raise CorruptSlide unless a stored JPEG tile decodes completely.
 
@@ -303,22 +310,25 @@ class TileMaker:
     def read_level_region(
         self, z: int, z_x0: int, z_y0: int, z_x1: int, z_y1: int
     ) -> np.ndarray:
-        """Assemble a rectangle of DeepZoom level ``z`` from its tiles."""
-        dtype = np.uint16 if self.reader.bits == 16 else np.uint8
+        """Assemble a rectangle of DeepZoom level ``z`` from its tiles.
+
+        Area no tile covers is white. Tiles normally share one sample type;
+        if they do not, the region falls back to 8-bit RGB.
+        """
         out = None
         for t_col, t_row in self.geometry.tiles_covering(z, z_x0, z_y0, z_x1, z_y1):
             tile_box = self.geometry.tile_box(z, t_col, t_row)
             pixels = decode_tile(self.fetch(z, t_col, t_row))
             if out is None:
-                samples = pixels.shape[2]
                 out = np.full(
-                    (z_y1 - z_y0, z_x1 - z_x0, samples),
-                    np.iinfo(dtype).max,
+                    (z_y1 - z_y0, z_x1 - z_x0, pixels.shape[2]),
+                    _white(pixels.dtype),
                     dtype=pixels.dtype,
                 )
             pixels = pixels[: tile_box.height, : tile_box.width]
-            if pixels.shape[2] != out.shape[2]:
+            if pixels.shape[2] != out.shape[2] or pixels.dtype != out.dtype:
                 pixels = to_rgb8(pixels)
+                out = to_rgb8(out)
             left, top = max(z_x0, tile_box.z_x0), max(z_y0, tile_box.z_y0)
             right, bottom = min(z_x1, tile_box.z_x1), min(z_y1, tile_box.z_y1)
             out[top - z_y0 : bottom - z_y0, left - z_x0 : right - z_x0] = pixels[
@@ -326,9 +336,10 @@ class TileMaker:
                 left - tile_box.z_x0 : right - tile_box.z_x0,
             ]
         if out is None:
+            dtype = np.uint16 if self.reader.bits == 16 else np.uint8
             out = np.full(
                 (z_y1 - z_y0, z_x1 - z_x0, self.reader.samples),
-                np.iinfo(dtype).max,
+                _white(dtype),
                 dtype=dtype,
             )
         return out

@@ -498,6 +498,8 @@ async def post_tiles(request: web.Request) -> web.Response:
         body = json.loads(await request.read())
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise BadRequest("the body is not valid JSON") from None
+    except RecursionError:
+        raise BadRequest("the body's JSON is nested too deeply") from None
     addresses, image_format = _parse_batch(body, limits.batch_max_tiles)
     pyramid = await pyramid_of(request, slide_id)
     geometry = pyramid.geometry
