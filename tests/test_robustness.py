@@ -405,11 +405,6 @@ def test_replaced_slide_serves_new_tiles(replaced_slides):
     assert tile["after"][0] != tile["before"][0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a source file is identified by size and mtime only, so a different "
-    "file with the same size and mtime keeps the old tiles and ETags",
-)
 def test_replacement_with_same_size_and_mtime(replaced_slides):
     tile = replaced_slides["same-stat.svs"]
     assert tile["after"][1] != tile["before"][1]

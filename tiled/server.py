@@ -310,7 +310,11 @@ def _slide_summary(
 
 
 def _stored_record(catalog: Catalog, entry: SlideEntry) -> dict[str, Any] | None:
-    """Return the store's record of a slide if it still describes the file."""
+    """Return the store's record of a slide if it still describes the file.
+
+    Only stat fields are compared, so listing reads no file. Opening the slide
+    for tiles also checks the content fingerprint.
+    """
     record = catalog.store.get_slide(entry.id)
     if record is None:
         return None
@@ -318,12 +322,13 @@ def _stored_record(catalog: Catalog, entry: SlideEntry) -> dict[str, Any] | None
         identity = SourceIdentity.of(entry.path)
     except OSError:
         return None
-    source = {
-        "path": identity.path,
-        "size": identity.size,
-        "mtime_ns": identity.mtime_ns,
-    }
-    return record if record["source"] == source else None
+    source = record["source"]
+    unchanged = (
+        source.get("path") == identity.path
+        and source.get("size") == identity.size
+        and source.get("mtime_ns") == identity.mtime_ns
+    )
+    return record if unchanged else None
 
 
 def _list_page(

@@ -25,6 +25,7 @@ from tiled.config import Settings
 from tiled.errors import NotFound, TiledError
 from tiled.pyramid import DeepZoomGeometry, TileMaker
 from tiled.readers import SLIDE_SUFFIXES, SlideReader, SourceIdentity, open_slide
+from tiled.readers.base import fingerprint
 from tiled.store import Store, StoreWriter, tile_key
 
 log = logging.getLogger("tiled.slides")
@@ -232,6 +233,7 @@ def slide_record(entry: SlideEntry, reader: SlideReader) -> dict[str, Any]:
             "path": identity.path,
             "size": identity.size,
             "mtime_ns": identity.mtime_ns,
+            "fingerprint": fingerprint(identity.path),
         },
         "levels": [
             {

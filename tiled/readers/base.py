@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import hashlib
 import math
 import os
 from collections.abc import Mapping
@@ -48,16 +49,49 @@ class Level:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SourceIdentity:
-    """What identifies the file a pyramid was made from; a change invalidates it."""
+    """The stat fields of a source file whose change means it must be reopened.
+
+    Inode and ctime are here so a file replaced by one with the same size and
+    restored mtime (``cp -p``, ``rsync -a``) is noticed. The store keeps only
+    path, size, mtime and a content fingerprint (see ``fingerprint``), so a
+    store copied with its slides to another disk stays valid.
+    """
 
     path: str
     size: int
     mtime_ns: int
+    inode: int = 0
+    ctime_ns: int = 0
 
     @classmethod
     def of(cls, path: str | os.PathLike[str]) -> SourceIdentity:
         status = os.stat(path)
-        return cls(os.fspath(path), status.st_size, status.st_mtime_ns)
+        return cls(
+            os.fspath(path),
+            status.st_size,
+            status.st_mtime_ns,
+            status.st_ino,
+            status.st_ctime_ns,
+        )
+
+
+# Bytes read from each end of a file for its fingerprint. TIFF and DICOM keep
+# their headers and first directories there, so two different slides of equal
+# size and mtime differ in them.
+FINGERPRINT_BYTES = 64 << 10
+
+
+def fingerprint(path: str | os.PathLike[str]) -> str:
+    """Return a hash of the size and the first and last 64 KiB of a file."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        digest.update(str(size).encode())
+        digest.update(file.read(FINGERPRINT_BYTES))
+        if size > FINGERPRINT_BYTES:
+            file.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+            digest.update(file.read(FINGERPRINT_BYTES))
+    return digest.hexdigest()
 
 
 class SlideReader(abc.ABC):
