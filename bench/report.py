@@ -53,15 +53,22 @@ def describe_machine() -> dict:
 
 
 def usable_rounds(rounds: list[dict]) -> list[dict]:
-    """Return the clean rounds, or every round when none was clean."""
-    clean = [round_ for round_ in rounds if round_.get("clean", True)]
-    return clean or rounds
+    """Return the clean rounds, or every round when none was clean.
+
+    Rounds with failed requests are never used.
+    """
+    working = [round_ for round_ in rounds if not round_.get("failed", False)]
+    clean = [round_ for round_ in working if round_.get("clean", True)]
+    return clean or working
 
 
 def summarize(rounds: list[dict]) -> dict:
     """Take the median of each figure over the usable rounds of one peer."""
     summary = {
-        "rounds_clean": sum(r.get("clean", True) for r in rounds),
+        "rounds_clean": sum(
+            r.get("clean", True) and not r.get("failed", False) for r in rounds
+        ),
+        "rounds_failed": sum(r.get("failed", False) for r in rounds),
         "rounds_run": len(rounds),
         "errors": sum(r["non_2xx"] + r["socket_errors"] for r in rounds),
     }
@@ -85,12 +92,15 @@ def median_ratio(rounds: list[dict], reference_rounds: list[dict]) -> float | No
 
     The peers take turns within a round, so pairing them round by round
     cancels most of the drift in background load on a shared machine. Pairs
-    where both rounds were clean are used when there are any.
+    where both rounds were clean are used when there are any, and pairs with
+    a failed round never.
     """
     pairs = [
         (mine, theirs)
         for mine, theirs in zip(rounds, reference_rounds, strict=False)
         if theirs["requests_per_second"] > 0
+        and not mine.get("failed", False)
+        and not theirs.get("failed", False)
     ]
     clean_pairs = [
         (mine, theirs)
@@ -201,6 +211,11 @@ def add_summaries(result: dict) -> None:
     peer_results = result["peers"]
     summaries = {}
     for name, peer_result in peer_results.items():
+        for round_ in peer_result["rounds"]:
+            # Results written before rounds were marked failed lack the field.
+            if "failed" not in round_:
+                failures = round_["non_2xx"] + round_["socket_errors"]
+                round_["failed"] = failures > 0.001 * round_.get("requests", 0)
         summaries[name] = summarize(peer_result["rounds"])
         summaries[name]["errors"] += peer_result["warmup_problem_count"]
     add_ratios(summaries, peer_results)
@@ -245,8 +260,8 @@ def render_section(result: dict) -> str:
         "",
         "| peer | req/s | ratio to nginx | ratio to IIPImage + memcached "
         "| p50 ms | p99 ms | server CPU µs/request | server CPU % | wrk CPU % "
-        "| other load % | clean rounds | errors | mean tile bytes |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| other load % | clean rounds | failed rounds | errors | mean tile bytes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, summary in summaries.items():
         lines.append(
@@ -260,13 +275,12 @@ def render_section(result: dict) -> str:
             f"| {format_number(summary['client_cpu_percent'])} "
             f"| {format_number(summary['other_load_percent'])} "
             f"| {summary['rounds_clean']}/{summary['rounds_run']} "
+            f"| {summary['rounds_failed']} "
             f"| {summary['errors']} "
             f"| {format_number(result['peers'][name]['mean_tile_bytes'])} |"
         )
     for name in result.get("skipped", {}):
-        lines.append(
-            f"| {name} | not run: {result['skipped'][name]} | | | | | | | | | | | |"
-        )
+        lines.append(f"| {name} | not run: {result['skipped'][name]} " + "| " * 12)
     targets = result.get("targets", [])
     if targets:
         lines += ["", "| target | measured | result |", "|---|---:|---|"]

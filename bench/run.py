@@ -278,6 +278,30 @@ def other_load(parsed: dict, args: argparse.Namespace) -> float | None:
     return max(0.0, server_other, client_other)
 
 
+def restart_failed_peer(
+    peer: peers.Peer, failures: int, urls_file: Path, tiles: list[load.Tile]
+) -> None:
+    """Restart a peer whose round had failed requests, then warm it up again.
+
+    Shared machines see helper processes vanish (a FastCGI backend killed
+    from outside, say), and the rest of the run should not inherit that.
+    """
+    log.error(
+        "%s: %d requests failed in this round; the round is dropped and the "
+        "server restarted (logs in %s)",
+        peer.name,
+        failures,
+        peer.run_dir,
+    )
+    peer.stop()
+    peer.processes = []
+    peer.start()
+    paths = urls_file.read_text().split()
+    warm = load.warm_up(peer.port, paths, tiles)
+    if warm.errors:
+        raise RuntimeError(f"{peer.name} still fails after a restart: {warm.errors[0]}")
+
+
 def profile_peer(
     peer: peers.Peer, urls_file: Path, args: argparse.Namespace, out_dir: Path
 ) -> dict:
@@ -404,8 +428,12 @@ def measure(args: argparse.Namespace) -> dict:
                     parsed["other_load_percent"] is None
                     or parsed["other_load_percent"] <= args.max_other_load
                 )
+                failures = parsed["non_2xx"] + parsed["socket_errors"]
+                parsed["failed"] = failures > 0.001 * parsed.get("requests", 0)
                 (run_dir / f"{peer.key}.wrk{round_index}.txt").write_text(raw)
                 peer_results[peer.name]["rounds"].append(parsed)
+                if parsed["failed"]:
+                    restart_failed_peer(peer, failures, urls_files[peer.name], tiles)
                 log.info(
                     "round %d %-32s %9.0f req/s  p50 %6.2f ms  p99 %6.2f ms  "
                     "CPU server %3.0f%% wrk %3.0f%% other %3.0f%%",
@@ -421,7 +449,10 @@ def measure(args: argparse.Namespace) -> dict:
                 time.sleep(1.0)
             round_index += 1
             fewest_clean = min(
-                sum(round_["clean"] for round_ in result["rounds"])
+                sum(
+                    round_["clean"] and not round_["failed"]
+                    for round_ in result["rounds"]
+                )
                 for result in peer_results.values()
             )
             if round_index >= args.rounds and fewest_clean >= args.rounds:
