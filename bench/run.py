@@ -472,8 +472,13 @@ def measure(args: argparse.Namespace) -> dict:
         if args.profile:
             profiled = [peer for peer in built if peer.option_key == args.profile]
             if profiled:
+                # run/ is wiped by the next run, so profiles are kept apart.
+                profile_dir = (
+                    args.data_dir / "profiles" / started.strftime("%Y%m%dT%H%M%SZ")
+                )
+                profile_dir.mkdir(parents=True, exist_ok=True)
                 profile = profile_peer(
-                    profiled[0], urls_files[profiled[0].name], args, run_dir
+                    profiled[0], urls_files[profiled[0].name], args, profile_dir
                 )
     finally:
         for peer in built:
