@@ -73,7 +73,11 @@ class Daemon:
         self.store = store
         config = {
             "server": {"host": "127.0.0.1", "port": self.port, "workers": workers},
-            "slides": {"roots": [str(root) for root in roots]},
+            # Synthetic and public slides only, so tests look slides up by name.
+            "slides": {
+                "roots": [str(root) for root in roots],
+                "show_file_names": True,
+            },
             "store": {"path": str(store)},
         }
         for section, values in (extra_config or {}).items():

@@ -318,7 +318,10 @@ def command_demo(args: argparse.Namespace) -> int:
         write_slide(partial, width, height, aperio=True)
         os.replace(partial, path)
     args.slide_dirs = [os.path.dirname(path)]
-    settings = _settings(args)
+    overrides = _overrides(args)
+    # The demo slide is synthetic, so its file name is safe to show.
+    overrides.setdefault("slides", {})["show_file_names"] = True
+    settings = load_settings(args.config, overrides=overrides)
     print(
         f"tiled: open http://{settings.server.host}:{settings.server.port}/ "
         "in a browser",

@@ -56,8 +56,10 @@ class SlidesSettings:
     # and macro images even when associated_images is false, for collections
     # known to hold no patient data.
     associated_image_folders: list[str] = dataclasses.field(default_factory=list)
-    # Show each slide's file name in the slide list and metadata.
-    show_file_names: bool = True
+    # Show each slide's file name in the slide list and metadata. Off by
+    # default because archives often name files by accession number or
+    # patient name; slides are then listed by id.
+    show_file_names: bool = False
     # Extra ids for slides, as {alias: path relative to a root}, so a fixed
     # identifier (an IIIF test image, a DICOM viewer's bookmark) can name a file.
     # An alias only resolves to a file the root scan found, so it cannot reach
