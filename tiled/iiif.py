@@ -28,6 +28,7 @@ from tiled.regions import (
     Box,
     deepzoom_tile_bytes,
     encode_image,
+    large_output_gate,
     limits_of,
     pyramid_of,
     render,
@@ -498,10 +499,11 @@ async def get_image(request: web.Request) -> web.StreamResponse:
         body = await deepzoom_tile_bytes(service, pyramid, address, tile_format, "iiif")
     else:
         box = Box(x, y, w, h)
-        pixels = await render(service, pyramid, box, out_width, out_height, limits)
-        body = await service.run(
-            _render_transformed, pixels, image_request, pyramid.jpeg_quality
-        )
+        async with large_output_gate(service, out_width * out_height):
+            pixels = await render(service, pyramid, box, out_width, out_height, limits)
+            body = await service.run(
+                _render_transformed, pixels, image_request, pyramid.jpeg_quality
+            )
     return web.Response(body=body, content_type=FORMATS[image_format], headers=headers)
 
 

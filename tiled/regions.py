@@ -16,12 +16,13 @@ Endpoints (see docs/API.md):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import io
 import json
 import math
 import weakref
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,27 @@ LARGE_RENDERS_AT_ONCE = 2
 _large_render_gates: weakref.WeakKeyDictionary[Any, asyncio.Semaphore] = (
     weakref.WeakKeyDictionary()
 )
+# Outputs larger than LARGE_RENDER_PIXELS (resampled, rotated and encoded) are
+# made at most LARGE_RENDERS_AT_ONCE at a time too. A separate semaphore, so a
+# request holding an output slot never waits for a read slot held by another
+# that waits for its output slot.
+_large_output_gates: weakref.WeakKeyDictionary[Any, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+@contextlib.asynccontextmanager
+async def large_output_gate(service: Any, pixels: int) -> AsyncIterator[None]:
+    """Hold one of the service's large-output slots while making a big image."""
+    if pixels <= LARGE_RENDER_PIXELS:
+        yield
+        return
+    gate = _large_output_gates.get(service)
+    if gate is None:
+        gate = _large_output_gates[service] = asyncio.Semaphore(LARGE_RENDERS_AT_ONCE)
+    async with gate:
+        yield
+
 
 DEFAULT_QUALITY = 90
 MEDIA_TYPES = {
@@ -386,10 +408,11 @@ async def get_region(request: web.Request) -> web.StreamResponse:
         return web.Response(status=304, headers={"ETag": etag})
     box = Box(x, y, width * scale_x, height * scale_y)
     service = service_of(request)
-    pixels = await render(
-        service, pyramid, box, width, height, limits, image_format == "npy"
-    )
-    body = await service.run(encode_image, pixels, image_format, quality)
+    async with large_output_gate(service, width * height):
+        pixels = await render(
+            service, pyramid, box, width, height, limits, image_format == "npy"
+        )
+        body = await service.run(encode_image, pixels, image_format, quality)
     response = _response(request, body, image_format, etag)
     response.headers["X-Tiled-Downsample"] = f"{scale_x:g},{scale_y:g}"
     return response
@@ -438,10 +461,11 @@ async def get_thumbnail(request: web.Request) -> web.StreamResponse:
         return web.Response(status=304, headers={"ETag": etag})
     service = service_of(request)
     box = Box(0, 0, width, height)
-    pixels = await render(
-        service, pyramid, box, out_width, out_height, limits, image_format == "npy"
-    )
-    body = await service.run(encode_image, pixels, image_format, quality)
+    async with large_output_gate(service, out_width * out_height):
+        pixels = await render(
+            service, pyramid, box, out_width, out_height, limits, image_format == "npy"
+        )
+        body = await service.run(encode_image, pixels, image_format, quality)
     return _response(request, body, image_format, etag)
 
 
