@@ -426,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.log_level != "DEBUG":
+        # The readers' libraries warn about every oddity of every file they
+        # parse; tiled logs what matters (a slide that cannot be opened).
+        for library in ("tifffile", "pydicom", "wsidicom", "PIL"):
+            logging.getLogger(library).setLevel(logging.ERROR)
     if getattr(args, "config", None) is None:
         args.config = None
     try:
@@ -434,6 +439,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"invalid configuration: {error}")
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Output piped into a command that stopped reading (head, less).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
