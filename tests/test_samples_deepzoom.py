@@ -158,14 +158,16 @@ def test_corrupt_tile_fails_only_that_tile(daemon):
 def test_recut_tiles_with_overlap_match_openslide(make_daemon):
     relative = "aperio-svs/wsi-to-dicom-converter/CMU-1-Small-Region.svs"
     path = sample(relative)
-    daemon = make_daemon([samples_dir()],
-                         extra_config={"deepzoom": {"tile_size": 254, "overlap": 1}})
+    daemon = make_daemon(
+        [samples_dir()], extra_config={"deepzoom": {"tile_size": 254, "overlap": 1}}
+    )
     ident = slide_id(daemon, relative)
     status, _, body = daemon.get(f"/slides/{ident}.dzi")
     assert b'TileSize="254"' in body
     assert b'Overlap="1"' in body
-    oracle = DeepZoomGenerator(openslide.OpenSlide(path), tile_size=254, overlap=1,
-                               limit_bounds=False)
+    oracle = DeepZoomGenerator(
+        openslide.OpenSlide(path), tile_size=254, overlap=1, limit_bounds=False
+    )
     for z in (oracle.level_count - 1, oracle.level_count - 2, oracle.level_count - 4):
         cols, rows = oracle.level_tiles[z]
         for col, row in {(0, 0), (1, 1), (cols - 1, rows - 1)}:
