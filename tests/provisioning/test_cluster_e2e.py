@@ -338,18 +338,25 @@ def test_failover_moves_slides(test_hosts: dict) -> None:
 
 def build_newer_wheelhouse(old: Path, target: Path) -> str:
     """Copy ``old``, add a tiled-wsi wheel of a higher version, return the version."""
-    version = "0.1.0.post1"
-
+    # Only what the wheel is built from: the rest of a work tree may hold
+    # sockets or large benchmark data.
     source = target.parent / "source"
-    shutil.copytree(
-        REPO_ROOT,
-        source,
-        ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__"),
-    )
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        if (REPO_ROOT / name).exists():
+            shutil.copy(REPO_ROOT / name, source)
+    for package in ("tiled", "provisioning"):
+        shutil.copytree(
+            REPO_ROOT / package,
+            source / package,
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
     pyproject = source / "pyproject.toml"
     text = pyproject.read_text()
     current = re.search(r'^version = "([^"]+)"', text, re.MULTILINE)
     assert current, "no version line in pyproject.toml"
+    # A local version label sorts above the same public version (PEP 440).
+    version = f"{current[1]}+upgrade"
     pyproject.write_text(text.replace(current[0], f'version = "{version}"', 1))
 
     shutil.copytree(old, target)
