@@ -188,6 +188,42 @@ def process_group_cpu_seconds(group: int) -> float:
     return total_ticks / ticks_per_second
 
 
+def task_run_delays(pid: int) -> float:
+    """Sum the run delay of every thread of a process, in seconds.
+
+    The run delay, the second field of /proc/PID/task/TID/schedstat, is the
+    time a thread was runnable but waiting for a CPU. Returns 0.0 for a
+    process that is gone.
+    """
+    total_ns = 0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return 0.0
+    for task in tasks:
+        try:
+            total_ns += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total_ns / 1e9
+
+
+def process_group_run_delay(group: int) -> float:
+    """Sum the run delay of every live process in a process group, in seconds."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == group:
+            total += task_run_delays(int(entry.name))
+    return total
+
+
 def cpu_busy_seconds() -> dict[str, float]:
     """Return the seconds each CPU spent running processes, from /proc/stat.
 
@@ -221,7 +257,9 @@ def run_wrk(
 
     The parsed figures include the CPU use of wrk, of the server process
     groups given and of each CPU as a whole, in percent of one core over the
-    run. A CPU busier than the server and wrk together ran other work too.
+    run, and how long wrk and the servers were runnable but waited for their
+    CPU (the scheduler's run delay), in percent of the run. Waiting means
+    other processes held the CPU.
     """
     command = [
         "taskset",
@@ -239,22 +277,43 @@ def run_wrk(
     environment = dict(os.environ, BENCH_URLS=str(urls_file))
     log.debug("run %s", " ".join(command))
     server_before = sum(process_group_cpu_seconds(group) for group in server_groups)
+    server_wait_before = sum(process_group_run_delay(group) for group in server_groups)
     client_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy_before = cpu_busy_seconds()
     started = time.monotonic()
-    completed = subprocess.run(
+    wrk = subprocess.Popen(
         command,
         env=environment,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=duration_s + 60,
-        check=True,
+    )
+    # wrk's run delay is read inside its run, because an exited process has
+    # no /proc entry. taskset execs wrk, so the pid is wrk's.
+    window = max(duration_s - 0.6, 0.1)
+    time.sleep(0.3)
+    client_wait_before = task_run_delays(wrk.pid)
+    window_started = time.monotonic()
+    time.sleep(window)
+    client_wait = task_run_delays(wrk.pid) - client_wait_before
+    client_window = time.monotonic() - window_started
+    try:
+        stdout, stderr = wrk.communicate(timeout=duration_s + 60)
+    except subprocess.TimeoutExpired:
+        wrk.kill()
+        wrk.communicate()
+        raise
+    if wrk.returncode != 0:
+        raise subprocess.CalledProcessError(wrk.returncode, command, stdout, stderr)
+    server_wait = (
+        sum(process_group_run_delay(group) for group in server_groups)
+        - server_wait_before
     )
     elapsed = time.monotonic() - started
     busy_after = cpu_busy_seconds()
     client_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     server_after = sum(process_group_cpu_seconds(group) for group in server_groups)
-    parsed = parse_wrk(completed.stdout)
+    parsed = parse_wrk(stdout)
     client_seconds = (
         client_after.ru_utime
         + client_after.ru_stime
@@ -275,4 +334,7 @@ def run_wrk(
         cpu: 100.0 * (busy_after[cpu] - busy_before.get(cpu, 0.0)) / elapsed
         for cpu in busy_after
     }
-    return parsed, completed.stdout
+    parsed["client_wait_percent"] = 100.0 * max(client_wait, 0.0) / client_window
+    if server_groups:
+        parsed["server_wait_percent"] = 100.0 * max(server_wait, 0.0) / elapsed
+    return parsed, stdout

@@ -80,6 +80,7 @@ def summarize(rounds: list[dict]) -> dict:
         "server_cpu_percent",
         "client_cpu_percent",
         "other_load_percent",
+        "cpu_wait_percent",
         "server_cpu_us_per_request",
     ):
         values = [round_[field] for round_ in rounds if round_.get(field) is not None]
@@ -229,6 +230,29 @@ def format_number(value: float | None, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
+def describe_rounds(settings: dict) -> str:
+    """Explain which rounds the medians use and what the CPU columns mean."""
+    if "max_cpu_wait_percent" in settings:
+        rule = (
+            "neither the server nor wrk waited for its CPU more than "
+            f"{settings['max_cpu_wait_percent']:g} % of the run"
+        )
+    else:
+        rule = (
+            "other processes took at most "
+            f"{settings['max_other_load_percent']:g} % of either CPU"
+        )
+    return (
+        f"Figures are medians over the clean rounds ({rule}), or over all "
+        "rounds without failed requests when none was clean. Ratios are medians "
+        "of the ratios within each round. Server and wrk CPU are in percent of "
+        "one core, and server CPU per request is the steadiest figure on a busy "
+        "machine. CPU wait is the longest time the server or wrk was runnable "
+        "but waited for its CPU (scheduler run delay), in percent of the run: "
+        "other processes held the CPU then."
+    )
+
+
 def render_section(result: dict) -> str:
     summaries = result["summaries"]
     settings = result["settings"]
@@ -249,18 +273,13 @@ def render_section(result: dict) -> str:
         f"-d{settings['duration_s']:g}s, {settings['tiles']} distinct tiles over the "
         f"{settings['levels']} highest DeepZoom levels of a "
         f"{result['slide']['width']}x{result['slide']['height']} slide "
-        f"({result['slide']['source']}), after one warm-up pass. Figures are "
-        "medians over the clean rounds (other load at most "
-        f"{settings['max_other_load_percent']:g} %), or over all rounds when none "
-        "was clean, and ratios are medians of the per-round ratios. "
-        "CPU is the server's (all its processes) and wrk's use in percent of one "
-        "core. Server CPU per request is the steadiest figure on a busy machine. "
-        "Other load is the largest share of the server's or wrk's CPU that "
-        "other processes on the machine took during the run.",
+        f"({result['slide']['source']}), after one warm-up pass.",
+        "",
+        describe_rounds(settings),
         "",
         "| peer | req/s | ratio to nginx | ratio to IIPImage + memcached "
         "| p50 ms | p99 ms | server CPU µs/request | server CPU % | wrk CPU % "
-        "| other load % | clean rounds | failed rounds | errors | mean tile bytes |",
+        "| CPU wait % | clean rounds | failed rounds | errors | mean tile bytes |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, summary in summaries.items():
@@ -273,7 +292,7 @@ def render_section(result: dict) -> str:
             f"| {format_number(summary['server_cpu_us_per_request'], 1)} "
             f"| {format_number(summary['server_cpu_percent'])} "
             f"| {format_number(summary['client_cpu_percent'])} "
-            f"| {format_number(summary['other_load_percent'])} "
+            f"| {format_number(summary['cpu_wait_percent'])} "
             f"| {summary['rounds_clean']}/{summary['rounds_run']} "
             f"| {summary['rounds_failed']} "
             f"| {summary['errors']} "
