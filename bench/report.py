@@ -52,6 +52,48 @@ def describe_machine() -> dict:
     }
 
 
+def interference(round_: dict, server_cpu: str, client_cpu: str) -> float | None:
+    """Return the percent of a run that other processes kept ours off a CPU.
+
+    On each side (the server on its CPU, wrk on its own) that is the smaller of
+    two times: how long our processes were runnable but waited (run delay),
+    and how long other processes ran on that CPU. The run delay alone would
+    also count a multi-process server (lighttpd, iipsrv and memcached) waiting
+    for itself. Returns None when the CPUs are not two single, distinct CPUs
+    or the round lacks the figures.
+    """
+    busy = round_.get("cpu_busy_percent", {})
+    if server_cpu == client_cpu or server_cpu not in busy or client_cpu not in busy:
+        return None
+    if "client_wait_percent" not in round_:
+        return None
+    server_other = max(0.0, busy[server_cpu] - round_.get("server_cpu_percent", 0.0))
+    client_other = max(0.0, busy[client_cpu] - round_["client_cpu_percent"])
+    server_side = min(round_.get("server_wait_percent", 0.0), server_other)
+    client_side = min(round_["client_wait_percent"], client_other)
+    return max(server_side, client_side)
+
+
+def max_interference(settings: dict) -> float:
+    # Results of older versions of run.py name the threshold differently.
+    return settings.get(
+        "max_interference_percent", settings.get("max_cpu_wait_percent", 10.0)
+    )
+
+
+def classify_round(
+    round_: dict, server_cpu: str, client_cpu: str, max_interference: float
+) -> None:
+    """Mark a round failed (requests failed) or clean (little interference)."""
+    round_["interference_percent"] = interference(round_, server_cpu, client_cpu)
+    round_["clean"] = (
+        round_["interference_percent"] is None
+        or round_["interference_percent"] <= max_interference
+    )
+    failures = round_["non_2xx"] + round_["socket_errors"]
+    round_["failed"] = failures > 0.001 * round_.get("requests", 0)
+
+
 def usable_rounds(rounds: list[dict]) -> list[dict]:
     """Return the clean rounds, or every round when none was clean.
 
@@ -80,7 +122,7 @@ def summarize(rounds: list[dict]) -> dict:
         "server_cpu_percent",
         "client_cpu_percent",
         "other_load_percent",
-        "cpu_wait_percent",
+        "interference_percent",
         "server_cpu_us_per_request",
     ):
         values = [round_[field] for round_ in rounds if round_.get(field) is not None]
@@ -210,11 +252,21 @@ def capacity_targets(tiled: dict, nginx: dict | None, iip: dict | None) -> list[
 def add_summaries(result: dict) -> None:
     """Compute the medians, ratios and targets of a result from its rounds."""
     peer_results = result["peers"]
+    settings = result["settings"]
     summaries = {}
     for name, peer_result in peer_results.items():
+        # Classify again, so results of older versions of this script render
+        # with the current rules.
         for round_ in peer_result["rounds"]:
-            # Results written before rounds were marked failed lack the field.
-            if "failed" not in round_:
+            if "client_wait_percent" in round_:
+                classify_round(
+                    round_,
+                    settings["server_cpu"],
+                    settings["client_cpu"],
+                    max_interference(settings),
+                )
+            else:
+                round_.setdefault("interference_percent", None)
                 failures = round_["non_2xx"] + round_["socket_errors"]
                 round_["failed"] = failures > 0.001 * round_.get("requests", 0)
         summaries[name] = summarize(peer_result["rounds"])
@@ -232,10 +284,10 @@ def format_number(value: float | None, digits: int = 0) -> str:
 
 def describe_rounds(settings: dict) -> str:
     """Explain which rounds the medians use and what the CPU columns mean."""
-    if "max_cpu_wait_percent" in settings:
+    if "max_other_load_percent" not in settings:
         rule = (
-            "neither the server nor wrk waited for its CPU more than "
-            f"{settings['max_cpu_wait_percent']:g} % of the run"
+            "other processes kept the server and wrk from their CPUs at most "
+            f"{max_interference(settings):g} % of the run"
         )
     else:
         rule = (
@@ -247,9 +299,8 @@ def describe_rounds(settings: dict) -> str:
         "rounds without failed requests when none was clean. Ratios are medians "
         "of the ratios within each round. Server and wrk CPU are in percent of "
         "one core, and server CPU per request is the steadiest figure on a busy "
-        "machine. CPU wait is the longest time the server or wrk was runnable "
-        "but waited for its CPU (scheduler run delay), in percent of the run: "
-        "other processes held the CPU then."
+        "machine. Interference is the share of the run in which the server or "
+        "wrk was runnable but other processes held its CPU."
     )
 
 
@@ -279,7 +330,8 @@ def render_section(result: dict) -> str:
         "",
         "| peer | req/s | ratio to nginx | ratio to IIPImage + memcached "
         "| p50 ms | p99 ms | server CPU µs/request | server CPU % | wrk CPU % "
-        "| CPU wait % | clean rounds | failed rounds | errors | mean tile bytes |",
+        "| interference % | clean rounds | failed rounds | errors "
+        "| mean tile bytes |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, summary in summaries.items():
@@ -292,7 +344,7 @@ def render_section(result: dict) -> str:
             f"| {format_number(summary['server_cpu_us_per_request'], 1)} "
             f"| {format_number(summary['server_cpu_percent'])} "
             f"| {format_number(summary['client_cpu_percent'])} "
-            f"| {format_number(summary['cpu_wait_percent'])} "
+            f"| {format_number(summary['interference_percent'])} "
             f"| {summary['rounds_clean']}/{summary['rounds_run']} "
             f"| {summary['rounds_failed']} "
             f"| {summary['errors']} "

@@ -68,11 +68,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="wrk runs per peer; the table shows the median (default 3)",
     )
     parser.add_argument(
-        "--max-cpu-wait",
+        "--max-interference",
         type=float,
         default=10.0,
-        help="a round counts as clean only if neither the server nor wrk waited "
-        "for its CPU more than this percent of the run (default 10)",
+        help="a round counts as clean only if other processes kept the server "
+        "and wrk from their CPUs at most this percent of the run (default 10)",
     )
     parser.add_argument(
         "--max-rounds",
@@ -270,22 +270,6 @@ def check_sizes(
     return problems
 
 
-def other_load(parsed: dict, args: argparse.Namespace) -> float | None:
-    """Return the largest CPU share that other processes took from our two CPUs.
-
-    Only defined when the server and wrk each have one CPU. A shared machine
-    shows it as the CPU busy time that neither the server nor wrk used.
-    """
-    busy = parsed["cpu_busy_percent"]
-    if args.server_cpu not in busy or args.client_cpu not in busy:
-        return None
-    if args.server_cpu == args.client_cpu:
-        return None
-    server_other = busy[args.server_cpu] - parsed.get("server_cpu_percent", 0.0)
-    client_other = busy[args.client_cpu] - parsed["client_cpu_percent"]
-    return max(0.0, server_other, client_other)
-
-
 def restart_failed_peer(
     peer: peers.Peer, failures: int, urls_file: Path, tiles: list[load.Tile]
 ) -> None:
@@ -442,21 +426,21 @@ def measure(args: argparse.Namespace) -> dict:
                     args.client_cpu,
                     peer.server_pids(),
                 )
-                parsed["other_load_percent"] = other_load(parsed, args)
-                parsed["cpu_wait_percent"] = max(
-                    parsed.get("server_wait_percent", 0.0),
-                    parsed["client_wait_percent"],
+                report.classify_round(
+                    parsed, args.server_cpu, args.client_cpu, args.max_interference
                 )
-                parsed["clean"] = parsed["cpu_wait_percent"] <= args.max_cpu_wait
-                failures = parsed["non_2xx"] + parsed["socket_errors"]
-                parsed["failed"] = failures > 0.001 * parsed.get("requests", 0)
                 (run_dir / f"{peer.key}.wrk{round_index}.txt").write_text(raw)
                 peer_results[peer.name]["rounds"].append(parsed)
                 if parsed["failed"]:
-                    restart_failed_peer(peer, failures, urls_files[peer.name], tiles)
+                    restart_failed_peer(
+                        peer,
+                        parsed["non_2xx"] + parsed["socket_errors"],
+                        urls_files[peer.name],
+                        tiles,
+                    )
                 log.info(
                     "round %d %-32s %9.0f req/s  p50 %6.2f ms  p99 %6.2f ms  "
-                    "CPU server %3.0f%% wrk %3.0f%% wait %3.0f%%",
+                    "CPU server %3.0f%% wrk %3.0f%% interference %3.0f%%",
                     round_index + 1,
                     peer.name,
                     parsed["requests_per_second"],
@@ -464,7 +448,7 @@ def measure(args: argparse.Namespace) -> dict:
                     parsed.get("p99_ms", float("nan")),
                     parsed.get("server_cpu_percent", float("nan")),
                     parsed["client_cpu_percent"],
-                    parsed["cpu_wait_percent"],
+                    parsed["interference_percent"] or 0.0,
                 )
                 time.sleep(1.0)
             round_index += 1
@@ -480,10 +464,10 @@ def measure(args: argparse.Namespace) -> dict:
             if round_index >= args.max_rounds:
                 if fewest_clean < args.rounds:
                     log.warning(
-                        "only %d rounds of some peer waited under %.0f%% "
-                        "for the CPU; the machine is busy",
+                        "only %d rounds of some peer had other processes in "
+                        "the way under %.0f%% of the time; the machine is busy",
                         fewest_clean,
-                        args.max_cpu_wait,
+                        args.max_interference,
                     )
                 break
             if round_index >= args.rounds:
@@ -520,7 +504,7 @@ def measure(args: argparse.Namespace) -> dict:
             "seed": args.seed,
             "server_cpu": args.server_cpu,
             "client_cpu": args.client_cpu,
-            "max_cpu_wait_percent": args.max_cpu_wait,
+            "max_interference_percent": args.max_interference,
             "max_rounds": args.max_rounds,
         },
         "slide": {
