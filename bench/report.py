@@ -282,6 +282,16 @@ def format_number(value: float | None, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
+def describe_source(result: dict) -> str:
+    source = result.get("source")
+    if not source:
+        return ""
+    text = f", repository at {source['commit'][:7]}"
+    if source["tiled_modified"]:
+        text += " with uncommitted changes in tiled/"
+    return text
+
+
 def describe_rounds(settings: dict) -> str:
     """Explain which rounds the medians use and what the CPU columns mean."""
     if "max_other_load_percent" not in settings:
@@ -313,7 +323,7 @@ def render_section(result: dict) -> str:
         "",
         f"## Latest run: {result['started']}",
         "",
-        f"Command: `{result['command']}`",
+        f"Command: `{result['command']}`{describe_source(result)}",
         "",
         f"Machine: {machine['nproc']} CPUs, {machine['cpu_model']}, "
         f"Linux {machine['kernel']}, Python {machine['python']}. "

@@ -494,6 +494,7 @@ def measure(args: argparse.Namespace) -> dict:
         "results_file": f"{stamp}.json",
         "command": shlex.join(["python", "bench/run.py", *sys.argv[1:]]),
         "machine": machine,
+        "source": describe_tiled_source(),
         "settings": {
             "duration_s": args.duration,
             "rounds": args.rounds,
@@ -517,6 +518,22 @@ def measure(args: argparse.Namespace) -> dict:
         "peers": peer_results,
         "skipped": skipped,
         "profile": profile,
+    }
+
+
+def describe_tiled_source() -> dict:
+    """Return the repository commit and whether tiled/ has uncommitted edits."""
+    repo = BENCH_DIR.parent
+
+    def git(*arguments: str) -> str:
+        completed = subprocess.run(
+            ["git", "-C", str(repo), *arguments], capture_output=True, text=True
+        )
+        return completed.stdout.strip() if completed.returncode == 0 else ""
+
+    return {
+        "commit": git("rev-parse", "HEAD") or "unknown",
+        "tiled_modified": bool(git("status", "--porcelain", "--", "tiled")),
     }
 
 
