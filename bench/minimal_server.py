@@ -2,7 +2,7 @@
 
 They show the ceiling of tiled's own stack on the benchmark machine. The
 `load` command copies a vips dzsave tree into an LMDB environment (key
-``{level}/{col}_{row}``, value the JPEG bytes); `serve` answers
+``{level}/{col}_{row}``, value the JPEG bytes); `serve` serves
 ``GET /{level}/{col}_{row}.jpg`` from it with one read-only transaction per
 request and no other work: no metrics, no middleware, no access log. Its
 ``--mode`` picks how much HTTP machinery sits in front of that: an aiohttp
@@ -94,9 +94,9 @@ def serve_low_level(store: Path, host: str, port: int) -> None:
 class TileProtocol:
     """An HTTP/1.1 keep-alive server written straight on asyncio.Protocol.
 
-    It parses only what wrk and browsers send for a GET (request line, headers
-    ended by a blank line, no body) and returns 404 for anything else, so it
-    measures what the event loop and LMDB cost without an HTTP framework.
+    It parses only what wrk and browsers send for a GET: a request line and
+    headers ended by a blank line, with no body. Anything else gets a 404. So
+    it measures what the event loop and LMDB cost without an HTTP framework.
     """
 
     def __init__(self, env: lmdb.Environment) -> None:

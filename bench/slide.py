@@ -1,4 +1,4 @@
-"""Build the benchmark slide: a large JPEG pyramidal TIFF made of real tissue.
+"""Build the benchmark slide: a large JPEG pyramidal TIFF of tissue images.
 
 The slide is a grid of cells cut from a source image. Each cell takes a
 random offset into the source, a random flip and a small per-band gain, so
