@@ -78,7 +78,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--max-rounds",
         type=int,
         default=None,
-        help="extra rounds allowed while rounds are not clean (default twice --rounds)",
+        help="maximum rounds to run while a peer has fewer than --rounds clean "
+        "rounds (default twice --rounds)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="short check: 3 s per run, 1 round"
@@ -141,7 +142,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--tiled-command",
         default=None,
         help="command that runs the tiled CLI (default: `tiled` on "
-        "PATH, else `python -m tiled.cli`)",
+        "PATH, else `python -m tiled`)",
     )
     parser.add_argument(
         "--profile",
@@ -198,7 +199,7 @@ def resolve_tiled_command(option: str | None) -> list[str] | None:
         [sys.executable, "-c", "import tiled.cli"], capture_output=True
     )
     if probe.returncode == 0:
-        return [sys.executable, "-m", "tiled.cli"]
+        return [sys.executable, "-m", "tiled"]
     return None
 
 
