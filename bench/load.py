@@ -255,10 +255,11 @@ def run_wrk(
 ) -> tuple[dict, str]:
     """Run one bounded wrk load on 127.0.0.1:port; return parsed and raw output.
 
-    Besides wrk's figures, the result holds the CPU use of wrk, of the server
-    process groups given and of each CPU as a whole, in percent of one core
-    over the run. It also holds how long wrk and the servers were runnable but
-    waited for their CPU (the scheduler's run delay), in percent of the run.
+    Besides wrk's figures, the result contains the CPU use of wrk, of the
+    server process groups given and of each CPU as a whole, in percent of one
+    core over the run. It also contains how long wrk and the servers were
+    runnable but waited for their CPU (the scheduler's run delay), in percent
+    of the run.
     """
     command = [
         "taskset",
