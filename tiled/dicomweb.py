@@ -76,7 +76,11 @@ class SlideSeries:
         self.pyramid = pyramid
         geometry = pyramid.geometry
         self.study_uid = uid_for("study", entry.id)
-        self.series_uid = uid_for("series", entry.id, pyramid.variant)
+        # The generation changes when the source file does, so a replaced
+        # slide gets new series and instance UIDs; restarts keep them.
+        self.series_uid = uid_for(
+            "series", entry.id, pyramid.variant, pyramid.generation
+        )
         self.frame_of_reference_uid = uid_for("frame-of-reference", entry.id)
         # Levels below full resolution, down to the first that fits one tile.
         self.steps: list[int] = []
@@ -86,12 +90,17 @@ class SlideSeries:
             if width <= geometry.tile_size and height <= geometry.tile_size:
                 break
         self.instance_uids = {
-            uid_for("instance", entry.id, pyramid.variant, steps): steps
+            uid_for("instance", entry.id, pyramid.variant, pyramid.generation, steps): (
+                steps
+            )
             for steps in self.steps
         }
 
     def instance_uid(self, steps: int) -> str:
-        return uid_for("instance", self.entry.id, self.pyramid.variant, steps)
+        pyramid = self.pyramid
+        return uid_for(
+            "instance", self.entry.id, pyramid.variant, pyramid.generation, steps
+        )
 
     def level(self, instance_uid: str) -> int:
         """Return the DeepZoom level z of an instance UID of this series."""
