@@ -89,12 +89,7 @@ class SlideSeries:
             width, height = geometry.level_dimensions[geometry.level_count - 1 - steps]
             if width <= geometry.tile_size and height <= geometry.tile_size:
                 break
-        self.instance_uids = {
-            uid_for("instance", entry.id, pyramid.variant, pyramid.generation, steps): (
-                steps
-            )
-            for steps in self.steps
-        }
+        self.instance_uids = {self.instance_uid(steps): steps for steps in self.steps}
 
     def instance_uid(self, steps: int) -> str:
         pyramid = self.pyramid
