@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import lmdb
@@ -107,27 +107,19 @@ class Store:
 
     # Reads
 
-    def _read(self, db: Any, key: bytes) -> bytes | None:
-        for _ in range(2):
-            try:
-                with self._lock, self.env.begin(db=db, buffers=False) as txn:
-                    return txn.get(key)
-            except lmdb.MapResizedError:
-                with self._lock:
-                    self.env.set_mapsize(0)
-        raise StoreError("the tile store map keeps changing size")
+    def _read(
+        self, db: Any, key: bytes, convert: Callable[[memoryview], Any] = bytes
+    ) -> Any:
+        """Return ``convert`` of the value under a key, or None if it is absent.
 
-    def _read_tile(self, key: bytes) -> Tile | None:
-        """Read and unpack a tile value with one copy, made inside the transaction.
-
-        Hot tiles come through here, so the value is read as a buffer into the
-        map and only the payload is copied out.
+        The value is a buffer into the map, valid only inside the transaction,
+        so ``convert`` makes the one copy that outlives it.
         """
         for _ in range(2):
             try:
-                with self._lock, self.env.begin(db=self._tiles, buffers=True) as txn:
+                with self._lock, self.env.begin(db=db, buffers=True) as txn:
                     value = txn.get(key)
-                    return None if value is None else Tile.unpack(value)
+                    return None if value is None else convert(value)
             except lmdb.MapResizedError:
                 with self._lock:
                     self.env.set_mapsize(0)
@@ -156,7 +148,8 @@ class Store:
         row: int,
     ) -> Tile | None:
         """Look a tile up like get_tile, without counting the read."""
-        return self._read_tile(tile_key(slide_id, generation, variant, level, col, row))
+        key = tile_key(slide_id, generation, variant, level, col, row)
+        return self._read(self._tiles, key, Tile.unpack)
 
     def has_tile(
         self,
