@@ -105,3 +105,12 @@ def test_ingest_prints_counts(tmp_path, synthetic_root):
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["made"] == summary["total"] > 0
+
+
+def test_cors_origins_from_environment():
+    environ = {"TILED_SERVER_CORS_ORIGINS": "https://a.example, https://b.example:8443"}
+    settings = load_settings(environ=environ)
+    assert settings.server.cors_origins == [
+        "https://a.example",
+        "https://b.example:8443",
+    ]

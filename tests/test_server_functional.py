@@ -300,3 +300,22 @@ def test_ingested_slides_listed_without_opening(make_daemon, tmp_path):
         assert b"tiled_open_slides 0.0" in body
     finally:
         second.stop()
+
+
+def test_truncated_slide_gives_422(make_daemon, synthetic_root, tmp_path):
+    root = tmp_path / "truncated"
+    root.mkdir()
+    data = (synthetic_root / "odd.svs").read_bytes()
+    (root / "cut.svs").write_bytes(data[:5000])
+    daemon = make_daemon([root])
+    slide_id = daemon.slide_id("cut.svs")
+    for path in (
+        tile_url(slide_id, 13, 5, 5),
+        tile_url(slide_id, 13, 0, 0),
+        f"/slides/{slide_id}/region?x=1280&y=1280&width=256&height=256",
+    ):
+        status, headers, body = daemon.get(path)
+        assert status == 422, (path, body)
+        assert json.loads(body)["error"] == "corrupt_slide"
+    status, _, _ = daemon.get("/healthz")
+    assert status == 200

@@ -69,12 +69,13 @@ class SlidesSettings:
 
 @dataclasses.dataclass
 class StoreSettings:
-    # LMDB environment folder; empty disables the persistent tile store.
+    # LMDB environment folder; empty means ~/.cache/tiled/store.
     path: str = ""
     # First LMDB map size; the map doubles when full, up to max_map_size_bytes.
     map_size_bytes: int = 1 << 30
     max_map_size_bytes: int = 1 << 42
-    # Bytes of encoded tiles kept in memory per worker for lossless sources.
+    # Bytes of re-encoded tiles (JPEG from lossless pixels, PNG from JPEG) kept
+    # in memory per worker.
     memory_cache_bytes: int = 256 << 20
 
 
@@ -90,8 +91,8 @@ class DeepZoomSettings:
 @dataclasses.dataclass
 class LimitsSettings:
     # Largest image one IIIF, region or thumbnail response may have, in pixels.
-    # A request is decoded at most at twice max_area, so these bound the memory
-    # of one request at about 3 bytes x 3 x max_area (150 MB at the default).
+    # A request reads at most twice max_area pixels, so these bound the read of
+    # one request at about 3 bytes x 2 x max_area (100 MB at the default).
     max_width: int = 8192
     max_height: int = 8192
     max_area: int = 16_777_216
@@ -169,7 +170,9 @@ def _coerce(value: Any, default: Any, name: str) -> Any:
             return {str(key): str(item) for key, item in value.items()}
         if isinstance(default, list):
             if isinstance(value, str):
-                return [part for part in value.split(os.pathsep) if part]
+                # Folder lists split like PATH; origins hold colons, so commas.
+                separator = "," if name.endswith("cors_origins") else os.pathsep
+                return [part.strip() for part in value.split(separator) if part]
             return [str(item) for item in value]
         return str(value)
     except (TypeError, ValueError):

@@ -268,8 +268,11 @@ class ChunkedPage:
         """Return the stored bytes of one chunk, or None if it is absent."""
         offsets = self.frame.dataoffsets
         counts = self.frame.databytecounts
-        if index >= len(offsets):
-            return None
+        if index >= len(offsets) or index >= len(counts):
+            # A truncated file loses the end of its offset and byte-count tables.
+            raise CorruptSlide(
+                "the tile tables are shorter than the tile grid", "truncated"
+            )
         offset, count = offsets[index], counts[index]
         if not offset or not count:
             return None
