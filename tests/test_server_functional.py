@@ -8,6 +8,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -319,3 +321,42 @@ def test_truncated_slide_gives_422(make_daemon, synthetic_root, tmp_path):
         assert json.loads(body)["error"] == "corrupt_slide"
     status, _, _ = daemon.get("/healthz")
     assert status == 200
+
+
+def test_id_secret_keys_slide_ids(make_daemon, synthetic_root, tmp_path):
+    from tiled.slides import slide_id_for
+
+    daemon = make_daemon(
+        [synthetic_root], extra_config={"slides": {"id_secret": "s3cret"}}
+    )
+    slide_id = daemon.slide_id("odd.svs")
+    assert slide_id != slide_id_for("odd.svs")
+    assert slide_id == slide_id_for("odd.svs", "s3cret")
+    assert re.fullmatch(r"[a-z2-7]{16}", slide_id)
+    _, _, body = daemon.get(f"/slides/{slide_id}")
+    assert b"s3cret" not in body
+    config = tmp_path / "ingest.yaml"
+    config.write_text("slides:\n  id_secret: s3cret\n")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tiled",
+            "ingest",
+            str(synthetic_root / "odd.svs"),
+            "--root",
+            str(synthetic_root),
+            "--config",
+            str(config),
+            "--store",
+            str(tmp_path / "s"),
+            "--quiet",
+            "--tile-size",
+            "4096",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["id"] == slide_id

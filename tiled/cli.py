@@ -197,7 +197,7 @@ def command_ingest(args: argparse.Namespace) -> int:
     )
     failures = 0
     for path, slide_roots in paths:
-        entry = entry_for(path, slide_roots)
+        entry = entry_for(path, slide_roots, settings.slides.id_secret)
         try:
             readers = ReaderCache(1)
             total = count_tiles(

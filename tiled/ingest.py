@@ -26,20 +26,21 @@ BATCH_BYTES = 32 << 20
 Progress = Callable[[int], None]
 
 
-def entry_for(path: str, roots: list[str]) -> SlideEntry:
+def entry_for(path: str, roots: list[str], secret: str = "") -> SlideEntry:
     """Return the catalog entry of a slide file, with the id the daemon gives it.
 
     The id comes from the path under the configured root that contains the
-    file, or under the file's own folder when no root does.
+    file, or under the file's own folder when no root does. ``secret`` is the
+    daemon's ``slides.id_secret``.
     """
     real = os.path.realpath(path)
     for root in roots:
         root = os.path.realpath(root)
         if os.path.commonpath([real, root]) == root:
             relative = os.path.relpath(real, root).replace(os.sep, "/")
-            return SlideEntry(slide_id_for(relative), root, relative)
+            return SlideEntry(slide_id_for(relative, secret), root, relative)
     root, name = os.path.split(real)
-    return SlideEntry(slide_id_for(name), root, name)
+    return SlideEntry(slide_id_for(name, secret), root, name)
 
 
 def count_tiles(pyramid: SlidePyramid) -> int:

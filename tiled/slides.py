@@ -34,13 +34,16 @@ log = logging.getLogger("tiled.slides")
 RESCAN_INTERVAL_SECONDS = 5.0
 
 
-def slide_id_for(relative_path: str) -> str:
+def slide_id_for(relative_path: str, secret: str = "") -> str:
     """Return the stable, URL-safe id of a slide from its path under its root.
 
-    The id is a hash, so it reveals nothing of the file name, and stays the
-    same when the root folder moves.
+    The id is a hash, so it does not show the file name and stays the same
+    when the root folder moves. Without a secret anyone can hash a guessed
+    path and compare; with ``slides.id_secret`` set (the same on every node)
+    the hash is keyed and a guess cannot be checked.
     """
-    digest = hashlib.blake2b(relative_path.encode(), digest_size=10).digest()
+    key = hashlib.sha256(secret.encode()).digest() if secret else b""
+    digest = hashlib.blake2b(relative_path.encode(), digest_size=10, key=key).digest()
     return base64.b32encode(digest).decode().lower()
 
 
@@ -263,7 +266,9 @@ class Catalog:
         # Aliases map to the id the scan gives the file, so they resolve only
         # to slides found inside a root.
         self.aliases = {
-            name: slide_id_for(posixpath.normpath(path.replace("\\", "/")))
+            name: slide_id_for(
+                posixpath.normpath(path.replace("\\", "/")), settings.slides.id_secret
+            )
             for name, path in settings.slides.aliases.items()
         }
         self._entries: dict[str, SlideEntry] = {}
@@ -275,7 +280,7 @@ class Catalog:
         found: dict[str, SlideEntry] = {}
         for root in self.roots:
             for relative_path in walk_slides(root):
-                slide_id = slide_id_for(relative_path)
+                slide_id = slide_id_for(relative_path, self.settings.slides.id_secret)
                 if slide_id in found:
                     log.warning(
                         "slide id %s found under two roots; keeping the first", slide_id
