@@ -59,7 +59,7 @@ def test_keepalive_tiles_then_other_routes(daemon, hot_tile):
         assert first[2] == second[2]
         assert first[1]["content-type"] == "image/jpeg"
         # A route the fast path does not serve moves the connection to aiohttp,
-        # which then answers tiles too.
+        # which then serves tiles too.
         sock.sendall(request("/healthz") + request(hot_tile))
         health, tile = read_responses(sock, 2)
         assert health[0] == 200

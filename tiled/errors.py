@@ -8,14 +8,14 @@ from __future__ import annotations
 
 
 class TiledError(Exception):
-    """Base of tiled's errors. ``status`` is the HTTP status to answer with."""
+    """Base of tiled's errors. ``status`` is the HTTP status of the response."""
 
     status = 500
     code = "internal_error"
 
 
 class BadRequest(TiledError):
-    """Raised if a request is malformed or asks for something impossible."""
+    """Raised if a request is malformed or requests something impossible."""
 
     status = 400
     code = "bad_request"

@@ -12,9 +12,9 @@ most of a viewer's traffic, so each connection starts on this protocol:
   tile still to be made, a parse error) hands the connection, with every
   unanswered byte, to aiohttp's request handler for good.
 
-httptools (the llhttp parser) checks each request head; requests are split
-at the blank line that ends the head, which is only their end when they have
-no body, so any request announcing a body is handed over before it is split.
+httptools (the llhttp parser) checks each request head. Requests are split
+at the blank line that ends the head, which ends the request only when it has
+no body, so a request that announces a body is handed over before splitting.
 """
 
 from __future__ import annotations

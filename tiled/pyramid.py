@@ -39,7 +39,7 @@ log = logging.getLogger("tiled.pyramid")
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TileBox:
-    """Where one DeepZoom tile lies in its level, in z_ pixels (end exclusive)."""
+    """Bounds of one DeepZoom tile in its level, in z_ pixels (end exclusive)."""
 
     z_x0: int
     z_y0: int
