@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(ingest)
     ingest.set_defaults(handler=command_ingest)
 
-    info = commands.add_parser("info", help="show what a slide file holds")
+    info = commands.add_parser("info", help="show what a slide file contains")
     info.add_argument("slide", metavar="SLIDE")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(handler=command_info)

@@ -114,7 +114,7 @@ def has_adobe_marker(jpeg: bytes) -> bool:
 
 
 def declares_colour_transform(jpeg: bytes) -> bool:
-    """Return True if a JFIF or Adobe segment tells decoders the colour encoding.
+    """Return True if a JFIF or Adobe segment declares the colour encoding.
 
     libjpeg reads JFIF as YCbCr and follows the Adobe transform flag; a tile
     with either must be left as it is.

@@ -60,9 +60,9 @@ class SlidesSettings:
     # default because archives often name files by accession number or
     # patient name; slides are then listed by id.
     show_file_names: bool = False
-    # Key of the slide-id hash. Empty keeps ids reproducible from paths alone;
-    # set it (the same on every node and for tiled ingest) so an id cannot be
-    # checked against a guessed file name. Changing it changes every id.
+    # Key of the slide-id hash. Empty keeps ids reproducible from paths alone.
+    # Set it, the same on every node and for tiled ingest, so that an id cannot
+    # be checked against a guessed file name. Changing it changes every id.
     id_secret: str = ""
     # Extra ids for slides, as {alias: path relative to a root}, so a fixed
     # identifier (an IIIF test image, a DICOM viewer's bookmark) can name a file.

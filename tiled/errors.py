@@ -1,6 +1,6 @@
 """Exceptions of tiled.
 
-Every error a client can cause maps to one HTTP status; the message names the
+Every error a client can cause maps to one HTTP status. Its message names the
 problem in words safe to show a client, never a file path.
 """
 

@@ -2,7 +2,7 @@
 
 Levels are made from full resolution down to 1x1, so a level the source
 lacks always finds the finer level already stored. Tiles are written in
-batches under a staged generation; the slide record moves to it only in the
+batches under a staged generation. The slide record moves to it only in the
 last transaction, and a rerun skips tiles already staged.
 """
 

@@ -39,8 +39,8 @@ def slide_id_for(relative_path: str, secret: str = "") -> str:
 
     The id is a hash, so it does not show the file name and stays the same
     when the root folder moves. Without a secret anyone can hash a guessed
-    path and compare; with ``slides.id_secret`` set (the same on every node)
-    the hash is keyed and a guess cannot be checked.
+    path and compare. With ``slides.id_secret`` set (the same on every node)
+    the hash is keyed, so a guess cannot be checked.
     """
     key = hashlib.sha256(secret.encode()).digest() if secret else b""
     digest = hashlib.blake2b(relative_path.encode(), digest_size=10, key=key).digest()

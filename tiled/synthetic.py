@@ -24,7 +24,7 @@ NUCLEUS = np.array([92, 58, 140], dtype=np.float32)
 
 # Level-0 pixels per cell of the low-resolution noise fields.
 FIELD_CELL = 512
-# Level-0 pixels per nucleus cell; each cell holds at most one nucleus.
+# Level-0 pixels per nucleus cell; each cell contains at most one nucleus.
 NUCLEUS_CELL = 18
 
 
